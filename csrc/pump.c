@@ -1,0 +1,734 @@
+/*
+ * The data plane: moves bytes between client sockets and libssh2 channels of
+ * one SSH session, without calling back into Python per chunk.
+ *
+ * Every connection has two directions with their own state:
+ *   up   (client -> channel): OPEN -> DRAIN (client sent EOF, flushing our
+ *        buffer into the channel) -> DONE (channel EOF sent)
+ *   down (channel -> client): OPEN -> DRAIN (channel EOF seen, flushing our
+ *        buffer into the client) -> DONE (client shutdown(SHUT_WR))
+ * When both are DONE the channel is closed (EOF + CLOSE, wait for the
+ * server's CLOSE) and the connection is reported finished.
+ *
+ * libssh2 1.11.1 facts this file is built around (read from its source):
+ *  - a session has one outgoing packet buffer. A send that returned EAGAIN
+ *    must be repeated with the same arguments, and until it completes every
+ *    other send returns EAGAIN without setting block_directions. So every
+ *    operation that returned EAGAIN is retried on every round, and the SSH
+ *    socket is watched for writability whenever any send was refused.
+ *  - channel_read drains the whole socket into the session's packet list and
+ *    counts each channel's pending bytes in read_avail, which
+ *    libssh2_channel_window_read_ex() exposes without a syscall. We read a
+ *    channel only when it has bytes and our buffer has room: that is the
+ *    backpressure (no read -> no window adjust -> the server stops sending).
+ *  - packets built on the stack (channel EOF, keepalive) are identified by
+ *    their address when resumed, so they must never be left half-sent; they
+ *    are only sent when no send is pending and the socket has room.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "libssh2_min.h"
+#include "pump.h"
+
+#define SSH_TAG 0xffffffffu  /* epoll data for the SSH socket */
+#define MAX_ROUNDS 64         /* bound on work per pump_run() call */
+#define MAX_WRITE 32700       /* libssh2 sends at most this per call */
+
+enum { UP_OPEN, UP_DRAIN, UP_DONE };
+enum { DOWN_OPEN, DOWN_DRAIN, DOWN_DONE };
+
+struct conn {
+    int id;
+    int fd;
+    LIBSSH2_CHANNEL *ch;
+    int up, down;
+    int closing;          /* channel close in progress */
+    int reason, err;      /* why it ends */
+    int rd_ready, wr_ready; /* edge-triggered readiness of the client fd */
+    int wpending;         /* channel_write returned EAGAIN: repeat it */
+    size_t wlen;          /* length given to that write */
+    int rpending;         /* a window adjust inside channel_read is pending */
+    char *ubuf;           /* client -> channel bytes in [uoff, ulen) */
+    size_t uoff, ulen;
+    char *dbuf;           /* channel -> client bytes in [doff, dlen) */
+    size_t doff, dlen;
+    unsigned long long nup, ndown;
+};
+
+struct pump {
+    LIBSSH2_SESSION *s;
+    int ssh_fd;
+    int epfd;
+    size_t bufsize;
+    unsigned long window;     /* receive window to grant each channel, 0 = libssh2's */
+    struct conn **conns;      /* indexed by id; NULL = free slot */
+    int cap;
+    int live;                 /* connections not yet reported done */
+    int *free_ids;
+    int nfree;
+    struct pump_event *evq;   /* events not yet returned */
+    int nev, evcap;
+    int out_blocked;          /* some send returned EAGAIN this run */
+    int want_in;              /* Python waits for a reply (channel open) */
+    unsigned ssh_events;      /* interest currently set for the SSH socket */
+    int dead;                 /* session failed: libssh2 error code */
+    int dead_reported;
+    unsigned long long rx_bytes;
+    double last_rx;
+    unsigned long long buffered, buffers;
+};
+
+/* libssh2 calls our recv so that the pump knows when the server last spoke
+   (keepalive replies included) without Python touching the socket. */
+#define FD_TABLE 65536
+static struct pump *pump_by_fd[FD_TABLE];
+
+static double now_mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static ssize_t counting_recv(libssh2_socket_t fd, void *buf, size_t len,
+                             int flags, void **abstract)
+{
+    ssize_t r = recv(fd, buf, len, flags);
+    (void)abstract;
+    if (r < 0)
+        return -errno;  /* libssh2 expects -errno, like its own _libssh2_recv */
+    if (r > 0 && fd >= 0 && fd < FD_TABLE && pump_by_fd[fd]) {
+        pump_by_fd[fd]->rx_bytes += (unsigned long long)r;
+        pump_by_fd[fd]->last_rx = now_mono();
+    }
+    return r;
+}
+
+static void set_ssh_interest(struct pump *p)
+{
+    /* Without a channel nothing drains the socket, so level-triggered EPOLLIN
+       would spin; EPOLLRDHUP still reports a server that went away. */
+    unsigned want = EPOLLRDHUP;
+    if (p->live > 0 || p->want_in)
+        want |= EPOLLIN;
+    if (p->out_blocked)
+        want |= EPOLLOUT;
+    if (want != p->ssh_events) {
+        struct epoll_event ev = {.events = want, .data.u64 = SSH_TAG};
+        epoll_ctl(p->epfd, EPOLL_CTL_MOD, p->ssh_fd, &ev);
+        p->ssh_events = want;
+    }
+}
+
+struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
+                      unsigned long window)
+{
+    struct pump *p = calloc(1, sizeof(*p));
+    struct epoll_event ev;
+
+    if (!p)
+        return NULL;
+    p->s = session;
+    p->ssh_fd = ssh_fd;
+    p->bufsize = bufsize ? bufsize : 65536;
+    p->window = window;
+    p->last_rx = now_mono();
+    p->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (p->epfd < 0)
+        goto fail;
+    p->ssh_events = EPOLLRDHUP;
+    ev.events = p->ssh_events;
+    ev.data.u64 = SSH_TAG;
+    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, ssh_fd, &ev) < 0)
+        goto fail_ep;
+    if (ssh_fd >= 0 && ssh_fd < FD_TABLE)
+        pump_by_fd[ssh_fd] = p;
+    libssh2_session_callback_set2(p->s, LIBSSH2_CALLBACK_RECV,
+                                  (libssh2_cb_generic *)counting_recv);
+    return p;
+
+fail_ep:
+    close(p->epfd);
+fail:
+    free(p);
+    return NULL;
+}
+
+static void conn_release_buffers(struct pump *p, struct conn *c)
+{
+    if (c->ubuf) {
+        p->buffered -= c->ulen - c->uoff;
+        p->buffers--;
+        free(c->ubuf);
+        c->ubuf = NULL;
+    }
+    if (c->dbuf) {
+        p->buffered -= c->dlen - c->doff;
+        p->buffers--;
+        free(c->dbuf);
+        c->dbuf = NULL;
+    }
+    c->uoff = c->ulen = c->doff = c->dlen = 0;
+}
+
+void pump_free(struct pump *p)
+{
+    int i;
+    if (!p)
+        return;
+    for (i = 0; i < p->cap; i++) {
+        struct conn *c = p->conns[i];
+        if (!c)
+            continue;
+        if (c->fd >= 0)
+            close(c->fd);
+        conn_release_buffers(p, c);
+        free(c);
+    }
+    if (p->ssh_fd >= 0 && p->ssh_fd < FD_TABLE && pump_by_fd[p->ssh_fd] == p)
+        pump_by_fd[p->ssh_fd] = NULL;
+    /* The session is ssh2-python's; give it back its own recv. */
+    libssh2_session_callback_set2(p->s, LIBSSH2_CALLBACK_RECV, NULL);
+    close(p->epfd);
+    free(p->conns);
+    free(p->free_ids);
+    free(p->evq);
+    free(p);
+}
+
+int pump_epoll_fd(struct pump *p)
+{
+    return p->epfd;
+}
+
+int pump_add(struct pump *p, int fd, void *channel)
+{
+    struct conn *c;
+    struct epoll_event ev;
+    int id;
+
+    if (p->nfree > 0) {
+        id = p->free_ids[--p->nfree];
+    } else {
+        if (p->cap % 64 == 0) {
+            int ncap = p->cap + 64;
+            struct conn **nc = realloc(p->conns, ncap * sizeof(*nc));
+            int *nf;
+            if (!nc)
+                return -ENOMEM;
+            p->conns = nc;
+            nf = realloc(p->free_ids, ncap * sizeof(*nf));
+            if (!nf)
+                return -ENOMEM;
+            p->free_ids = nf;
+        }
+        id = p->cap++;
+        p->conns[id] = NULL;
+    }
+    c = calloc(1, sizeof(*c));
+    if (!c) {
+        p->free_ids[p->nfree++] = id;
+        return -ENOMEM;
+    }
+    c->id = id;
+    c->fd = fd;
+    c->ch = channel;
+    c->rd_ready = c->wr_ready = 1;
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = (unsigned)id;
+    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        int e = errno;
+        free(c);
+        p->free_ids[p->nfree++] = id;
+        return -e;
+    }
+    if (p->window) {
+        /* Grow the receive window beyond libssh2's 2 MiB for long fat
+           pipes; force = 1 sends it now. EAGAIN leaves it queued in the
+           channel and channel_read completes it. */
+        unsigned long initial = 0;
+        libssh2_channel_window_read_ex(c->ch, NULL, &initial);
+        if (p->window > initial)
+            libssh2_channel_receive_window_adjust2(c->ch, p->window - initial,
+                                                   1, NULL);
+    }
+    p->conns[id] = c;
+    p->live++;
+    set_ssh_interest(p);
+    return id;
+}
+
+static void push_event(struct pump *p, int kind, struct conn *c, int err)
+{
+    struct pump_event *e;
+    if (p->nev == p->evcap) {
+        int ncap = p->evcap ? p->evcap * 2 : 64;
+        struct pump_event *nq = realloc(p->evq, ncap * sizeof(*nq));
+        if (!nq)
+            return; /* out of memory: the event is lost, never the bytes */
+        p->evq = nq;
+        p->evcap = ncap;
+    }
+    e = &p->evq[p->nev++];
+    memset(e, 0, sizeof(*e));
+    e->kind = kind;
+    e->err = err;
+    if (c) {
+        e->conn = c->id;
+        e->reason = c->reason;
+        e->up = c->nup;
+        e->down = c->ndown;
+    } else {
+        e->conn = -1;
+    }
+}
+
+/* The connection is over: close the client, report, recycle the id. */
+static void conn_finish(struct pump *p, struct conn *c)
+{
+    epoll_ctl(p->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    conn_release_buffers(p, c);
+    if (c->reason == PUMP_END_NORMAL && c->err == 0)
+        push_event(p, PUMP_EV_DONE, c, 0);
+    else
+        push_event(p, PUMP_EV_DONE, c, c->err);
+    p->conns[c->id] = NULL;
+    p->free_ids[p->nfree++] = c->id;
+    p->live--;
+    free(c);
+}
+
+static void session_failed(struct pump *p, int err)
+{
+    if (!p->dead)
+        p->dead = err ? err : -1;
+}
+
+/* Stop moving data for c and start closing its channel. */
+static void conn_abort(struct pump *p, struct conn *c, int reason, int err)
+{
+    if (c->closing)
+        return;
+    c->closing = 1;
+    c->reason = reason;
+    c->err = err;
+    /* Unsent bytes cannot be delivered any more; free them now. */
+    conn_release_buffers(p, c);
+    /* A reset client gets RST semantics; nothing more will be sent to it. */
+    shutdown(c->fd, SHUT_RDWR);
+}
+
+static int can_send_small(struct pump *p)
+{
+    struct pollfd pfd = {.fd = p->ssh_fd, .events = POLLOUT};
+    if (p->out_blocked)
+        return 0;
+    return poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLOUT);
+}
+
+int pump_can_send_small(struct pump *p)
+{
+    return !p->dead && can_send_small(p);
+}
+
+void pump_want_out(struct pump *p)
+{
+    p->out_blocked = 1;
+    set_ssh_interest(p);
+}
+
+/* Close the channel: EOF (if not sent), CLOSE, wait for the server's CLOSE.
+   Returns 1 when the connection is finished. */
+static int conn_close_step(struct pump *p, struct conn *c)
+{
+    int r;
+    if (p->dead)
+        return 1;  /* nothing can be said to a dead session */
+    if (!can_send_small(p)) {
+        p->out_blocked = 1;
+        return 0;
+    }
+    r = libssh2_channel_close(c->ch);
+    if (r == LIBSSH2_ERROR_EAGAIN) {
+        if (libssh2_session_block_directions(p->s) &
+            LIBSSH2_SESSION_BLOCK_OUTBOUND)
+            p->out_blocked = 1;
+        return 0;  /* waiting for the server's CLOSE, or for the socket */
+    }
+    /* Any other error: libssh2 has marked the channel closed anyway. */
+    return 1;
+}
+
+static int ensure_buf(struct pump *p, char **buf)
+{
+    if (*buf)
+        return 1;
+    *buf = malloc(p->bufsize);
+    if (!*buf)
+        return 0;
+    p->buffers++;
+    return 1;
+}
+
+/* client -> our buffer -> channel. Returns non-zero on progress. */
+static int step_up(struct pump *p, struct conn *c)
+{
+    int moved = 0;
+
+    /* Read the client while the buffer has room. */
+    while (c->up == UP_OPEN && c->rd_ready) {
+        ssize_t r;
+        if (c->ulen == p->bufsize) {
+            if (c->uoff == 0 || c->wpending)
+                break;  /* full; a pending write pins the bytes in place */
+            memmove(c->ubuf, c->ubuf + c->uoff, c->ulen - c->uoff);
+            c->ulen -= c->uoff;
+            c->uoff = 0;
+        }
+        if (!ensure_buf(p, &c->ubuf)) {
+            conn_abort(p, c, PUMP_END_CLIENT_ERROR, ENOMEM);
+            return 1;
+        }
+        r = recv(c->fd, c->ubuf + c->ulen, p->bufsize - c->ulen, 0);
+        if (r > 0) {
+            c->ulen += (size_t)r;
+            p->buffered += (size_t)r;
+            moved = 1;
+        } else if (r == 0) {
+            c->up = UP_DRAIN;
+            moved = 1;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->rd_ready = 0;
+        } else if (errno != EINTR) {
+            conn_abort(p, c, PUMP_END_CLIENT_ERROR, errno);
+            return 1;
+        }
+    }
+
+    /* Feed the channel. libssh2 takes one packet per call. */
+    while (c->ulen > c->uoff && !p->dead) {
+        size_t len;
+        ssize_t w;
+        if (!c->wpending && libssh2_channel_window_write_ex(c->ch, NULL) == 0)
+            break;  /* remote window closed: a WINDOW_ADJUST will reopen it */
+        len = c->wpending ? c->wlen : c->ulen - c->uoff;
+        if (len > MAX_WRITE)
+            len = MAX_WRITE;
+        w = libssh2_channel_write_ex(c->ch, 0, c->ubuf + c->uoff, len);
+        if (w > 0) {
+            c->uoff += (size_t)w;
+            c->nup += (unsigned long long)w;
+            p->buffered -= (size_t)w;
+            c->wpending = 0;
+            moved = 1;
+        } else if (w == LIBSSH2_ERROR_EAGAIN) {
+            /* Same buffer and length next time: libssh2 may have built or
+               half-sent the packet already. */
+            c->wpending = 1;
+            c->wlen = len;
+            p->out_blocked = 1;
+            break;
+        } else if (w == 0) {
+            break;  /* window filled up while draining */
+        } else if (w == LIBSSH2_ERROR_CHANNEL_CLOSED ||
+                   w == LIBSSH2_ERROR_CHANNEL_EOF_SENT) {
+            conn_abort(p, c, PUMP_END_CHANNEL_ERROR, (int)w);
+            return 1;
+        } else {
+            session_failed(p, (int)w);
+            return 1;
+        }
+    }
+    if (c->ubuf && c->uoff == c->ulen) {
+        c->uoff = c->ulen = 0;
+        if (c->up != UP_OPEN) {
+            free(c->ubuf);
+            c->ubuf = NULL;
+            p->buffers--;
+        }
+    }
+
+    /* Client finished sending and everything is in the channel: EOF. */
+    if (c->up == UP_DRAIN && c->ulen == c->uoff && !p->dead) {
+        int r;
+        if (!can_send_small(p)) {
+            p->out_blocked = 1;
+            return moved;
+        }
+        r = libssh2_channel_send_eof(c->ch);
+        if (r == 0) {
+            c->up = UP_DONE;
+            moved = 1;
+        } else if (r == LIBSSH2_ERROR_EAGAIN) {
+            p->out_blocked = 1;
+        } else {
+            conn_abort(p, c, PUMP_END_CHANNEL_ERROR, r);
+            return 1;
+        }
+    }
+    return moved;
+}
+
+/* channel -> our buffer -> client. Returns non-zero on progress. */
+static int step_down(struct pump *p, struct conn *c)
+{
+    int moved = 0;
+
+    for (;;) {
+        /* Deliver what we hold. */
+        while (c->dlen > c->doff && c->wr_ready) {
+            ssize_t w = send(c->fd, c->dbuf + c->doff, c->dlen - c->doff,
+                             MSG_NOSIGNAL);
+            if (w > 0) {
+                c->doff += (size_t)w;
+                c->ndown += (unsigned long long)w;
+                p->buffered -= (size_t)w;
+                moved = 1;
+            } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                c->wr_ready = 0;
+            } else if (w < 0 && errno == EINTR) {
+                continue;
+            } else {
+                conn_abort(p, c, PUMP_END_CLIENT_ERROR, w < 0 ? errno : EPIPE);
+                return 1;
+            }
+        }
+        if (c->dbuf && c->doff == c->dlen)
+            c->doff = c->dlen = 0;
+
+        if (c->down != DOWN_OPEN || p->dead)
+            break;
+        if (c->dlen == p->bufsize) {
+            /* Client is slow: leave the data in libssh2, whose window then
+               stops the server. A window adjust half-sent inside an earlier
+               read must still complete, or the session's single send buffer
+               stays blocked for everyone. */
+            if (c->rpending) {
+                int r = libssh2_channel_receive_window_adjust2(c->ch, 0, 0,
+                                                               NULL);
+                if (r == 0)
+                    c->rpending = 0;
+                else if (r == LIBSSH2_ERROR_EAGAIN)
+                    p->out_blocked = 1;
+            }
+            break;
+        }
+        {
+            unsigned long avail = 0;
+            ssize_t r;
+            libssh2_channel_window_read_ex(c->ch, &avail, NULL);
+            if (avail == 0 && !c->rpending) {
+                if (libssh2_channel_eof(c->ch) == 1) {
+                    c->down = DOWN_DRAIN;
+                    moved = 1;
+                }
+                break;
+            }
+            if (!ensure_buf(p, &c->dbuf)) {
+                conn_abort(p, c, PUMP_END_CLIENT_ERROR, ENOMEM);
+                return 1;
+            }
+            r = libssh2_channel_read_ex(c->ch, 0, c->dbuf + c->dlen,
+                                        p->bufsize - c->dlen);
+            if (r > 0) {
+                c->dlen += (size_t)r;
+                p->buffered += (size_t)r;
+                c->rpending = 0;
+                moved = 1;
+                continue;  /* try to deliver it at once */
+            }
+            if (r == LIBSSH2_ERROR_EAGAIN) {
+                /* Data is there but the window adjust that precedes the
+                   read could not be sent. */
+                c->rpending = 1;
+                p->out_blocked = 1;
+                break;
+            }
+            if (r == 0) {
+                c->rpending = 0;
+                if (libssh2_channel_eof(c->ch) == 1) {
+                    c->down = DOWN_DRAIN;
+                    moved = 1;
+                }
+                break;
+            }
+            session_failed(p, (int)r);
+            return 1;
+        }
+    }
+
+    if (c->dbuf && c->dlen == 0 && c->down != DOWN_OPEN) {
+        free(c->dbuf);
+        c->dbuf = NULL;
+        p->buffers--;
+    }
+    if (c->down == DOWN_DRAIN && c->dlen == c->doff) {
+        shutdown(c->fd, SHUT_WR);
+        c->down = DOWN_DONE;
+        moved = 1;
+    }
+    return moved;
+}
+
+/* Returns non-zero if anything happened. */
+static int conn_step(struct pump *p, struct conn *c)
+{
+    int moved;
+    if (!c->closing) {
+        moved = step_up(p, c);
+        if (!c->closing && !p->dead)
+            moved |= step_down(p, c);
+        if (!c->closing && c->up == UP_DONE && c->down == DOWN_DONE) {
+            c->closing = 1;
+            moved = 1;
+        }
+        /* The server closed the channel while the client still sends:
+           those bytes have nowhere to go. */
+        if (!c->closing && c->down == DOWN_DONE && c->up != UP_DONE &&
+            !p->dead && libssh2_channel_wait_closed(c->ch) == 0) {
+            conn_abort(p, c,
+                       c->ulen > c->uoff ? PUMP_END_CHANNEL_CLOSED
+                                         : PUMP_END_NORMAL,
+                       0);
+            moved = 1;
+        }
+        if (!c->closing)
+            return moved;
+    }
+    if (conn_close_step(p, c)) {
+        conn_finish(p, c);
+        return 1;
+    }
+    return 0;
+}
+
+/* Let libssh2 read everything the socket holds, so that read_avail, EOF and
+   window adjusts are current for every channel. A zero-length read on any
+   open channel does exactly that and nothing else. */
+static void drain_transport(struct pump *p)
+{
+    int i;
+    for (i = 0; i < p->cap; i++) {
+        struct conn *c = p->conns[i];
+        ssize_t r;
+        if (!c || c->closing)
+            continue;
+        r = libssh2_channel_read_ex(c->ch, 0, NULL, 0);
+        if (r < 0 && r != LIBSSH2_ERROR_EAGAIN)
+            session_failed(p, (int)r);
+        return;
+    }
+}
+
+int pump_run(struct pump *p, struct pump_event *out, int max)
+{
+    struct epoll_event evs[256];
+    int n, i, round, filled;
+
+    n = epoll_wait(p->epfd, evs, 256, 0);
+    for (i = 0; i < n; i++) {
+        unsigned long long tag = evs[i].data.u64;
+        if (tag == SSH_TAG) {
+            if ((evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) &&
+                p->live == 0)
+                session_failed(p, -13 /* LIBSSH2_ERROR_SOCKET_DISCONNECT */);
+            continue;
+        }
+        if (tag < (unsigned)p->cap && p->conns[tag]) {
+            struct conn *c = p->conns[tag];
+            if (evs[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                c->rd_ready = 1;
+            if (evs[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+                c->wr_ready = 1;
+        }
+    }
+
+    p->out_blocked = 0;
+    for (round = 0; round < MAX_ROUNDS && !p->dead; round++) {
+        int progress = 0;
+        drain_transport(p);
+        for (i = 0; i < p->cap && !p->dead; i++) {
+            struct conn *c = p->conns[i];
+            if (c)
+                progress |= conn_step(p, c);
+        }
+        if (!progress)
+            break;
+    }
+    if (round == MAX_ROUNDS) {
+        /* More work is ready: make sure the loop calls us again soon. */
+        p->out_blocked = 1;
+    }
+
+    if (p->dead) {
+        for (i = 0; i < p->cap; i++) {
+            struct conn *c = p->conns[i];
+            if (!c)
+                continue;
+            if (!c->closing) {
+                c->reason = PUMP_END_ABORTED;
+                c->err = p->dead;
+            }
+            conn_finish(p, c);
+        }
+        if (!p->dead_reported) {
+            push_event(p, PUMP_EV_SESSION_DEAD, NULL, p->dead);
+            p->dead_reported = 1;
+        }
+    }
+    set_ssh_interest(p);
+
+    filled = p->nev < max ? p->nev : max;
+    memcpy(out, p->evq, (size_t)filled * sizeof(*out));
+    memmove(p->evq, p->evq + filled, (size_t)(p->nev - filled) * sizeof(*out));
+    p->nev -= filled;
+    return filled;
+}
+
+void pump_abort(struct pump *p, int conn, int session_dead)
+{
+    int i;
+    if (session_dead)
+        session_failed(p, -13 /* LIBSSH2_ERROR_SOCKET_DISCONNECT */);
+    for (i = 0; i < p->cap; i++) {
+        struct conn *c = p->conns[i];
+        if (c && (conn < 0 || conn == i))
+            conn_abort(p, c, PUMP_END_ABORTED, 0);
+    }
+}
+
+void pump_want_in(struct pump *p, int on)
+{
+    p->want_in = on;
+    set_ssh_interest(p);
+}
+
+void pump_get_stats(struct pump *p, struct pump_stats *st)
+{
+    st->conns = p->live;
+    st->buffered = p->buffered;
+    st->buffers = p->buffers;
+    st->rx_bytes = p->rx_bytes;
+    st->last_rx = p->last_rx;
+    st->out_blocked = p->out_blocked;
+}
+
+long pump_session_timeout(void *session)
+{
+    return libssh2_session_get_timeout(session);
+}
+
+unsigned long pump_channel_window_write(void *channel)
+{
+    return libssh2_channel_window_write_ex(channel, NULL);
+}

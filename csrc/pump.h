@@ -1,0 +1,79 @@
+/*
+ * The pump's public interface. This file is the single source of these
+ * declarations: build_pump.py feeds it to cffi's cdef, pump.c includes it.
+ * It must stay plain C that cffi can parse (no #include, no macros with
+ * expressions).
+ */
+
+struct pump;
+
+/* Event kinds returned by pump_run(). */
+enum {
+    PUMP_EV_DONE = 1,         /* a connection finished; fd closed by the pump */
+    PUMP_EV_SESSION_DEAD = 2  /* the SSH session failed; err = libssh2 code */
+};
+
+/* Why a connection ended (PUMP_EV_DONE.reason). */
+enum {
+    PUMP_END_NORMAL = 0,        /* both directions finished, every byte delivered */
+    PUMP_END_CLIENT_ERROR = 1,  /* client socket reset or send failed */
+    PUMP_END_CHANNEL_CLOSED = 2,/* server closed the channel with data pending */
+    PUMP_END_CHANNEL_ERROR = 3, /* libssh2 refused a channel operation */
+    PUMP_END_ABORTED = 4,       /* closed by pump_abort() / session death */
+    PUMP_END_FORCED = 5         /* channel close timed out at drain deadline */
+};
+
+struct pump_event {
+    int kind;
+    int conn;                    /* connection id from pump_add() */
+    int reason;                  /* PUMP_END_* */
+    int err;                     /* errno or libssh2 error code, 0 if none */
+    unsigned long long up;       /* bytes client -> channel */
+    unsigned long long down;     /* bytes channel -> client */
+};
+
+struct pump_stats {
+    int conns;                       /* connections not yet finished */
+    unsigned long long buffered;     /* bytes held in pump buffers */
+    unsigned long long buffers;      /* buffers currently allocated */
+    unsigned long long rx_bytes;     /* bytes received on the SSH socket */
+    double last_rx;                  /* CLOCK_MONOTONIC seconds of last receive */
+    int out_blocked;                 /* a send waits for the SSH socket */
+};
+
+/* A pump for one libssh2 session whose socket is ssh_fd (non-blocking). */
+struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
+                      unsigned long window);
+void pump_free(struct pump *p);
+int pump_epoll_fd(struct pump *p);
+
+/* Hand a connected client socket and its open channel to the pump.
+   The pump owns fd from now on (closes it at the end); the caller keeps the
+   channel's Python owner alive until PUMP_EV_DONE and then frees it.
+   Returns a connection id >= 0 or -errno. */
+int pump_add(struct pump *p, int fd, void *channel);
+
+/* Move every byte that can move now. Fills up to max events; returns the
+   number filled. Call when the epoll fd is readable and after any other
+   libssh2 call on the session (it may have queued incoming packets). */
+int pump_run(struct pump *p, struct pump_event *ev, int max);
+
+/* Close one connection (or all, conn = -1) without waiting for its peer:
+   the channel is closed politely if the session still works. DONE events
+   follow from pump_run(). */
+void pump_abort(struct pump *p, int conn, int session_dead);
+
+/* Non-zero when a small control packet (keepalive, EOF) can be sent now
+   without risking a partial send: no send is pending and the socket has room. */
+int pump_can_send_small(struct pump *p);
+/* Python sent something that returned EAGAIN: watch the socket for writing. */
+void pump_want_out(struct pump *p);
+/* Python waits for the server (a channel open in flight): watch for input
+   even while no connection is open. */
+void pump_want_in(struct pump *p, int on);
+
+void pump_get_stats(struct pump *p, struct pump_stats *st);
+
+/* For the pointer bridge's self-check. */
+long pump_session_timeout(void *session);
+unsigned long pump_channel_window_write(void *channel);

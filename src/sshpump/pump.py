@@ -1,0 +1,141 @@
+"""The only importer of the compiled pump, and the pointer bridge.
+
+ssh2-python has no public accessor for the ``LIBSSH2_SESSION*`` and
+``LIBSSH2_CHANNEL*`` it wraps. Its ``session.pxd`` and ``channel.pxd`` declare
+them as the first C field of the ``cdef class``, right after the object
+header, so we read them at that offset. The offset is verified, not trusted:
+once per process for sessions (a timeout set through ssh2-python must read
+back through the pointer) and once for channels (the write window ssh2-python
+reports must equal what the pointer gives). A mismatch raises BridgeError.
+"""
+
+from __future__ import annotations
+
+import ssh2.session  # noqa: F401  (loads the bundled libssh2 + libcrypto first)
+import ssh2.channel
+
+from ._pump import ffi, lib
+from .errors import BridgeError
+
+_FIELD_OFFSET = object.__basicsize__  # first cdef field follows PyObject_HEAD
+_SSH2_VERSION = getattr(ssh2, "__version__", "unknown")
+_channel_checked = False
+
+EV_DONE = lib.PUMP_EV_DONE
+EV_SESSION_DEAD = lib.PUMP_EV_SESSION_DEAD
+
+END_REASONS = {
+    lib.PUMP_END_NORMAL: "closed",
+    lib.PUMP_END_CLIENT_ERROR: "client error",
+    lib.PUMP_END_CHANNEL_CLOSED: "channel closed by server with data pending",
+    lib.PUMP_END_CHANNEL_ERROR: "channel error",
+    lib.PUMP_END_ABORTED: "aborted",
+    lib.PUMP_END_FORCED: "forced close",
+}
+
+
+def _raw_pointer(obj, cls):
+    if type(obj) is not cls:
+        raise BridgeError(f"expected {cls.__module__}.{cls.__name__}, got {type(obj).__name__}")
+    return ffi.cast("void **", id(obj) + _FIELD_OFFSET)[0]
+
+
+def _mismatch(what, expected, got):
+    return BridgeError(
+        f"ssh2-python {_SSH2_VERSION} does not match sshpump's pointer bridge: "
+        f"{what} expected {expected}, read {got}; sshpump needs ssh2-python 1.2.0.post1"
+    )
+
+
+def session_pointer(session):
+    """The LIBSSH2_SESSION* of an ssh2.session.Session, verified."""
+    ptr = _raw_pointer(session, ssh2.session.Session)
+    if ptr == ffi.NULL:
+        raise _mismatch("session pointer", "non-NULL", "NULL")
+    old = session.get_timeout()
+    probe = 271828
+    session.set_timeout(probe)
+    try:
+        got = lib.pump_session_timeout(ptr)
+    finally:
+        session.set_timeout(old)
+    if got != probe:
+        raise _mismatch("session timeout", probe, got)
+    return ptr
+
+
+def channel_pointer(channel):
+    """The LIBSSH2_CHANNEL* of an ssh2.channel.Channel (checked once per process)."""
+    global _channel_checked
+    ptr = _raw_pointer(channel, ssh2.channel.Channel)
+    if not _channel_checked:
+        expected = channel.window_write()
+        got = lib.pump_channel_window_write(ptr)
+        if ptr == ffi.NULL or got != expected:
+            raise _mismatch("channel write window", expected, got)
+        _channel_checked = True
+    return ptr
+
+
+class Pump:
+    """One C pump for one SSH session. Not thread-safe: one loop owns it."""
+
+    def __init__(self, session, ssh_fd: int, bufsize: int = 65536, window: int = 0):
+        self._session = session  # the pump uses its pointer: keep it alive
+        self._p = lib.pump_new(session_pointer(session), ssh_fd, bufsize, window)
+        if self._p == ffi.NULL:
+            raise MemoryError("pump_new failed")
+        self._events = ffi.new("struct pump_event[256]")
+        self._stats = ffi.new("struct pump_stats *")
+
+    @property
+    def fileno(self) -> int:
+        return lib.pump_epoll_fd(self._p)
+
+    def add(self, fd: int, channel) -> int:
+        """Give fd (owned by the pump from now) and channel to the pump."""
+        cid = lib.pump_add(self._p, fd, channel_pointer(channel))
+        if cid < 0:
+            raise OSError(-cid, f"pump_add: {fd}")
+        return cid
+
+    def run(self):
+        """Move what can move; return [(kind, conn, reason, err, up, down)]."""
+        out = []
+        ev = self._events
+        while True:
+            n = lib.pump_run(self._p, ev, 256)
+            for i in range(n):
+                e = ev[i]
+                out.append((e.kind, e.conn, e.reason, e.err, e.up, e.down))
+            if n < 256:
+                return out
+
+    def abort(self, conn: int = -1, session_dead: bool = False):
+        lib.pump_abort(self._p, conn, 1 if session_dead else 0)
+
+    def can_send_small(self) -> bool:
+        return bool(lib.pump_can_send_small(self._p))
+
+    def want_out(self):
+        lib.pump_want_out(self._p)
+
+    def want_in(self, on: bool):
+        lib.pump_want_in(self._p, 1 if on else 0)
+
+    def stats(self) -> dict:
+        s = self._stats
+        lib.pump_get_stats(self._p, s)
+        return {
+            "conns": s.conns,
+            "buffered": s.buffered,
+            "buffers": s.buffers,
+            "rx_bytes": s.rx_bytes,
+            "last_rx": s.last_rx,
+            "out_blocked": s.out_blocked,
+        }
+
+    def close(self):
+        if self._p != ffi.NULL:
+            lib.pump_free(self._p)
+            self._p = ffi.NULL

@@ -1,0 +1,403 @@
+"""One SSH session, its C pump, and the client connections it carries.
+
+Python runs here once per connection event (open, finish) and per session
+event (connect, keepalive, failure); bytes never cross into Python. The pump's
+epoll fd is watched by the event loop; when it is readable the pump runs once
+and hands back the few events Python must act on.
+
+libssh2 allows one channel open in flight per session, so opens are queued
+and driven one at a time, retried with the same arguments after EAGAIN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import random
+import socket
+import termios
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import ssh2.exceptions as sx
+from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
+from ssh2.session import LIBSSH2_SESSION_BLOCK_OUTBOUND
+
+from . import session as ssh_session
+from .errors import ChannelOpenError, SshpumpError
+from .options import Options
+from .pump import END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
+from .spec import LocalForward
+
+log = logging.getLogger("sshpump")
+
+# Errors from a channel open that say the session, not the channel, failed.
+_SESSION_ERRORS = (
+    sx.SocketDisconnectError,
+    sx.SocketRecvError,
+    sx.SocketSendError,
+    sx.KeyExchangeError,
+    sx.DecryptError,
+    sx.TimeoutError if hasattr(sx, "TimeoutError") else sx.SocketDisconnectError,
+    sx.ProtocolError,
+)
+
+
+@dataclass
+class Client:
+    sock: socket.socket
+    fwd: LocalForward
+    peer: tuple
+    queued_at: float = field(default_factory=time.monotonic)
+    opened_at: float = 0.0
+    channel: object = None
+
+
+def _open_reason(session) -> str:
+    """libssh2 says e.g. "Channel open failure (administratively prohibited)"."""
+    try:
+        text = session.last_error() or ""
+    except Exception:  # noqa: BLE001 - diagnostics only
+        text = ""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    if "(" in text and text.endswith(")"):
+        return text[text.rindex("(") + 1 : -1]
+    return text or "channel open failed"
+
+
+class Worker:
+    """Carries client connections over one SSH session, reconnecting as needed.
+
+    ``on_state(up: bool, reason: str)`` is called when the session comes up or
+    goes down; ``on_finished(n)`` when connections end (for load accounting).
+    """
+
+    def __init__(self, opts: Options, name: str = "worker", on_state=None, on_finished=None):
+        self.opts = opts
+        self.name = name
+        self.on_state = on_state or (lambda up, reason: None)
+        self.on_finished = on_finished or (lambda n: None)
+        self.loop = None
+        self.session = None
+        self.sock = None
+        self.pump = None
+        self.up = False
+        self.pending: deque[Client] = deque()
+        self.active: dict[int, Client] = {}
+        self._closing = False
+        self._reconnect_task = None
+        self._timer = None
+        self._ka_seen = 0
+        self._ka_unanswered = 0
+        self.next_conn_seq = 0
+        self.total_done = 0
+
+    # ---- session lifecycle -------------------------------------------------
+
+    async def start(self):
+        """Connect once; raise SshpumpError on failure (for fail-fast start)."""
+        self.loop = asyncio.get_running_loop()
+        await self._connect()
+        self._timer = self.loop.call_later(self._tick_interval(), self._tick)
+
+    def start_reconnecting(self):
+        """Start without failing: connect in the background with backoff."""
+        self.loop = asyncio.get_running_loop()
+        self._timer = self.loop.call_later(self._tick_interval(), self._tick)
+        self._schedule_reconnect("starting", first=True)
+
+    async def _connect(self):
+        session, sock = await asyncio.to_thread(ssh_session.connect, self.opts)
+        self.session, self.sock = session, sock
+        self.pump = Pump(session, sock.fileno(), self.opts.bufsize, self.opts.window)
+        self.loop.add_reader(self.pump.fileno, self._service)
+        self.up = True
+        self._ka_seen = self._rx_mark()
+        self._ka_unanswered = 0
+        log.info("%s: session up to %s@%s:%d", self.name, self.opts.user, self.opts.host, self.opts.port)
+        self.on_state(True, "connected")
+        self._service()
+
+    def _schedule_reconnect(self, reason, first=False):
+        if self._closing or self._reconnect_task is not None:
+            return
+        self._reconnect_task = self.loop.create_task(self._reconnect_loop(reason, first))
+
+    async def _reconnect_loop(self, reason, first):
+        delay = 0.0 if first else 0.5
+        attempt = 0
+        try:
+            while not self._closing:
+                if delay:
+                    # Jitter spreads workers' logins so that sshd's MaxStartups
+                    # does not drop them in a burst.
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                attempt += 1
+                try:
+                    await self._connect()
+                    return
+                except SshpumpError as e:
+                    log.warning("%s: reconnect attempt %d failed: %s", self.name, attempt, e)
+                delay = min(max(delay * 2, 0.5), self.opts.reconnect_max)
+        finally:
+            self._reconnect_task = None
+
+    def _session_failed(self, reason: str):
+        if not self.up:
+            return
+        self.up = False
+        log.warning("%s: SSH session lost: %s", self.name, reason)
+        # Make every further send fail at once, so that freeing the channels
+        # and the session cannot block or hang on a dead peer.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.pump.abort(session_dead=True)
+        self._handle_events(self.pump.run())
+        self.loop.remove_reader(self.pump.fileno)
+        self.pump.close()
+        self.pump = None
+        opening = self.pending[0] if self.pending and self.pending[0].channel == "opening" else None
+        if opening is not None:
+            opening.channel = None  # the open died with the session; retry later
+        self.session = None
+        self.sock.close()
+        self.sock = None
+        self.on_state(False, reason)
+        self._schedule_reconnect(reason)
+
+    # ---- connections -------------------------------------------------------
+
+    def submit(self, sock: socket.socket, fwd: LocalForward, peer=None):
+        """Carry one accepted client connection through this worker."""
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if peer is None:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                peer = ("127.0.0.1", 0)
+        if not isinstance(peer, tuple) or not peer:
+            peer = ("127.0.0.1", 0)
+        self.pending.append(Client(sock, fwd, peer))
+        if self.up:
+            self._drive_opens()
+
+    @property
+    def load(self) -> int:
+        return len(self.pending) + len(self.active)
+
+    def _drive_opens(self):
+        """Open channels for queued clients, one in flight at a time."""
+        while self.pending and self.up:
+            client = self.pending[0]
+            target = client.fwd.target
+            shost = client.peer[0] if client.sock.family != socket.AF_UNIX else "127.0.0.1"
+            sport = client.peer[1] if client.sock.family != socket.AF_UNIX else 0
+            client.channel = "opening"
+            try:
+                if target.is_unix:
+                    ch = self.session.direct_streamlocal_ex(target.path, shost, sport)
+                else:
+                    ch = self.session.direct_tcpip_ex(target.host, target.port, shost, sport)
+            except sx.ChannelFailure:
+                self.pending.popleft()
+                err = ChannelOpenError(str(target), _open_reason(self.session))
+                log.warning("%s: %s (client %s closed)", self.name, err, _peer_text(client))
+                client.sock.close()
+                self.on_finished(1)
+                continue
+            except _SESSION_ERRORS as e:
+                self._session_failed(f"{type(e).__name__} during channel open")
+                return
+            except sx.SSH2Error as e:
+                # libssh2 errors during an open are session-level (a failed
+                # open after a timeout leaves the session unusable).
+                self._session_failed(f"{type(e).__name__} during channel open: {e}")
+                return
+            if ch == LIBSSH2_ERROR_EAGAIN or isinstance(ch, int):
+                self.pump.want_in(True)
+                if self.session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND:
+                    self.pump.want_out()
+                return
+            self.pending.popleft()
+            client.channel = ch
+            client.opened_at = time.monotonic()
+            fd = client.sock.detach()  # the pump owns the fd now
+            try:
+                cid = self.pump.add(fd, ch)
+            except OSError as e:
+                socket.socket(fileno=fd).close()
+                log.warning("%s: cannot carry client %s: %s", self.name, _peer_text(client), e)
+                self.on_finished(1)
+                continue
+            self.active[cid] = client
+            if self.opts.verbose:
+                log.info("%s: conn %d open %s -> %s", self.name, cid, _peer_text(client), target)
+        if self.pump is not None:
+            self.pump.want_in(False)
+
+    def _handle_events(self, events):
+        finished = 0
+        dead = None
+        for kind, cid, reason, err, up, down in events:
+            if kind == EV_DONE:
+                client = self.active.pop(cid, None)
+                finished += 1
+                if client is None:
+                    continue
+                # Dropping the Channel frees it in libssh2; the pump has
+                # already closed it, so the free sends nothing.
+                client.channel = None
+                if self.opts.verbose or reason not in (0, 4):
+                    dur = time.monotonic() - client.opened_at
+                    why = END_REASONS.get(reason, str(reason))
+                    if err:
+                        why += f" ({_err_text(err)})"
+                    log.log(
+                        logging.INFO if reason in (0, 4) else logging.WARNING,
+                        "%s: conn %d closed %s -> %s: up %d bytes, down %d bytes, %.3fs, %s",
+                        self.name, cid, _peer_text(client), client.fwd.target, up, down, dur, why,
+                    )
+            elif kind == EV_SESSION_DEAD:
+                dead = f"libssh2 error {err}"
+        if finished:
+            self.total_done += finished
+            self.on_finished(finished)
+        return dead
+
+    def _service(self):
+        """Run the pump and the open queue until neither has more to do."""
+        for _ in range(8):
+            if self.pump is None:
+                return
+            dead = self._handle_events(self.pump.run())
+            if dead:
+                self._session_failed(dead)
+                return
+            had_pending = bool(self.pending)
+            self._drive_opens()
+            # An open reads the transport and may have queued channel data.
+            if not had_pending:
+                return
+
+    # ---- timers ------------------------------------------------------------
+
+    def _tick_interval(self):
+        iv = self.opts.server_alive_interval
+        return min(iv, 1.0) if iv else 1.0
+
+    def _rx_mark(self):
+        """Bytes the server has sent: received by libssh2 or waiting in the socket."""
+        st = self.pump.stats()
+        try:
+            waiting = int.from_bytes(fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little")
+        except OSError:
+            waiting = 0
+        return st["rx_bytes"] + waiting, st["last_rx"]
+
+    def _tick(self):
+        self._timer = self.loop.call_later(self._tick_interval(), self._tick)
+        self._expire_pending()
+        if self.up and self.opts.server_alive_interval:
+            self._keepalive()
+
+    def _keepalive(self):
+        interval = self.opts.server_alive_interval
+        mark, last_rx = self._rx_mark()
+        now = time.monotonic()
+        if mark != self._ka_seen[0]:
+            self._ka_seen = (mark, now)
+            self._ka_unanswered = 0
+            return
+        if now - self._ka_seen[1] < interval * (self._ka_unanswered + 1):
+            return
+        if self._ka_unanswered >= self.opts.server_alive_count_max:
+            self._session_failed(
+                f"server not responding ({self._ka_unanswered} keepalives unanswered in "
+                f"{interval * self._ka_unanswered:.0f}s)"
+            )
+            return
+        if self.pump.can_send_small():
+            try:
+                self.session.keepalive_send()
+            except sx.SSH2Error as e:
+                self._session_failed(f"keepalive failed: {type(e).__name__}")
+                return
+        self._ka_unanswered += 1
+
+    def _expire_pending(self):
+        """Clients waiting for a session that is down give up after client_wait."""
+        if self.up or not self.pending:
+            return
+        limit = time.monotonic() - self.opts.client_wait
+        while self.pending and self.pending[0].queued_at < limit:
+            client = self.pending.popleft()
+            log.warning(
+                "%s: closing client %s: no SSH session for %.0fs", self.name, _peer_text(client), self.opts.client_wait
+            )
+            client.sock.close()
+            self.on_finished(1)
+
+    # ---- shutdown ----------------------------------------------------------
+
+    async def drain(self, timeout: float):
+        """Wait up to timeout for active connections to finish, then abort them."""
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.active and self.pump is not None:
+            log.warning("%s: drain timeout: aborting %d connections", self.name, len(self.active))
+            self.pump.abort()
+            for _ in range(50):
+                self._service()
+                if not self.active:
+                    break
+                await asyncio.sleep(0.02)
+
+    def close(self):
+        self._closing = True
+        if self._timer:
+            self._timer.cancel()
+        if self._reconnect_task:
+            self._reconnect_task.cancel()
+        for client in self.pending:
+            client.sock.close()
+        self.pending.clear()
+        if self.pump is not None:
+            self.pump.abort()
+            self._handle_events(self.pump.run())
+            self.loop.remove_reader(self.pump.fileno)
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.active.clear()
+            self.pump.close()
+            self.pump = None
+        self.session = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.up = False
+
+
+def _peer_text(client: Client) -> str:
+    peer = client.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def _err_text(err: int) -> str:
+    import os
+
+    if err > 0:
+        return os.strerror(err)
+    return f"libssh2 error {err}"

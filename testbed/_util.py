@@ -1,0 +1,107 @@
+"""Small shared helpers (free ports, waiting on log files, process trees)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+
+def free_port(host: str = "127.0.0.1", also_v6: bool = False) -> int:
+    """Bind port 0, read the port, close.  Racy by nature; callers retry."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if not also_v6:
+            return port
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
+                s6.bind(("::1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("could not find a free port")
+
+
+def ipv6_loopback_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def read_from(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def children_of(pid: int) -> list[int]:
+    """All descendant pids of ``pid`` (via /proc), deepest last."""
+    ppids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        ppids.setdefault(int(rest[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in ppids.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_pids(pids, sig=signal.SIGKILL):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = predicate()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def is_listening(host: str, port: int) -> bool:
+    """True if something listens on (host, port) -- checked WITHOUT connecting
+    (so no channel is opened through a forwarder): a bind() without
+    SO_REUSEADDR fails with EADDRINUSE while a listener exists."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_listening(host: str, port: int, timeout: float = 15.0, proc=None):
+    """Wait until (host, port) has a listener; if ``proc`` (a Popen) exits
+    first, raise RuntimeError."""
+    def ready():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        return is_listening(host, port)
+    return wait_for(ready, timeout, what=f"listener on {host}:{port}")

@@ -108,7 +108,10 @@ def authenticate(session, opts: Options) -> None:
         raise ConnectError(f"{opts.host}: reading auth methods failed: {_auth_error_text(e)}") from None
     if session.userauth_authenticated():
         return
-    allowed = set(methods.split(",")) if isinstance(methods, str) else set()
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    allowed = {m.decode() if isinstance(m, bytes) else m for m in methods}
+    methods = ",".join(sorted(allowed))
     tried = []
     if "publickey" in allowed and opts.use_agent and os.environ.get("SSH_AUTH_SOCK"):
         tried.append("agent")

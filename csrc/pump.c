@@ -84,6 +84,7 @@ struct pump {
     unsigned long long rx_bytes;
     double last_rx;
     unsigned long long buffered, buffers;
+    libssh2_cb_generic *orig_recv;  /* ssh2-python's recv, restored on free */
 };
 
 /* libssh2 calls our recv so that the pump knows when the server last spoke
@@ -151,8 +152,8 @@ struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
         goto fail_ep;
     if (ssh_fd >= 0 && ssh_fd < FD_TABLE)
         pump_by_fd[ssh_fd] = p;
-    libssh2_session_callback_set2(p->s, LIBSSH2_CALLBACK_RECV,
-                                  (libssh2_cb_generic *)counting_recv);
+    p->orig_recv = libssh2_session_callback_set2(
+        p->s, LIBSSH2_CALLBACK_RECV, (libssh2_cb_generic *)counting_recv);
     return p;
 
 fail_ep:
@@ -195,8 +196,9 @@ void pump_free(struct pump *p)
     }
     if (p->ssh_fd >= 0 && p->ssh_fd < FD_TABLE && pump_by_fd[p->ssh_fd] == p)
         pump_by_fd[p->ssh_fd] = NULL;
-    /* The session is ssh2-python's; give it back its own recv. */
-    libssh2_session_callback_set2(p->s, LIBSSH2_CALLBACK_RECV, NULL);
+    /* The session is ssh2-python's; give it back its own recv (libssh2
+       would call a NULL one). */
+    libssh2_session_callback_set2(p->s, LIBSSH2_CALLBACK_RECV, p->orig_recv);
     close(p->epfd);
     free(p->conns);
     free(p->free_ids);
@@ -450,12 +452,11 @@ static int step_up(struct pump *p, struct conn *c)
         }
     }
     if (c->ubuf && c->uoff == c->ulen) {
+        /* Idle connections hold no buffer: thousands of them stay cheap. */
+        free(c->ubuf);
+        c->ubuf = NULL;
         c->uoff = c->ulen = 0;
-        if (c->up != UP_OPEN) {
-            free(c->ubuf);
-            c->ubuf = NULL;
-            p->buffers--;
-        }
+        p->buffers--;
     }
 
     /* Client finished sending and everything is in the channel: EOF. */
@@ -503,8 +504,12 @@ static int step_down(struct pump *p, struct conn *c)
                 return 1;
             }
         }
-        if (c->dbuf && c->doff == c->dlen)
+        if (c->dbuf && c->doff == c->dlen) {
+            free(c->dbuf);
+            c->dbuf = NULL;
             c->doff = c->dlen = 0;
+            p->buffers--;
+        }
 
         if (c->down != DOWN_OPEN || p->dead)
             break;
@@ -567,11 +572,6 @@ static int step_down(struct pump *p, struct conn *c)
         }
     }
 
-    if (c->dbuf && c->dlen == 0 && c->down != DOWN_OPEN) {
-        free(c->dbuf);
-        c->dbuf = NULL;
-        p->buffers--;
-    }
     if (c->down == DOWN_DRAIN && c->dlen == c->doff) {
         shutdown(c->fd, SHUT_WR);
         c->down = DOWN_DONE;

@@ -40,7 +40,6 @@ class LocalWorker:
         self.index = index
         self.worker = Worker(opts, name="sshpump", on_finished=self._finished)
         self.load = 0
-        self.ready = asyncio.get_running_loop().create_future()
 
     @property
     def up(self):

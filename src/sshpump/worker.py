@@ -349,7 +349,7 @@ class Worker:
     async def drain(self, timeout: float):
         """Wait up to timeout for active connections to finish, then abort them."""
         deadline = time.monotonic() + timeout
-        while self.active and time.monotonic() < deadline:
+        while (self.active or self.pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.active and self.pump is not None:
             log.warning("%s: drain timeout: aborting %d connections", self.name, len(self.active))

@@ -324,8 +324,24 @@ static void conn_abort(struct pump *p, struct conn *c, int reason, int err)
     c->closing = 1;
     c->reason = reason;
     c->err = err;
-    /* Unsent bytes cannot be delivered any more; free them now. */
-    conn_release_buffers(p, c);
+    /* Undeliverable bytes are dropped now, except a write libssh2 may have
+       half-sent: only the same call can finish that packet, and until it is
+       finished every other send of the session fails. conn_close_step
+       completes it first. */
+    if (c->dbuf) {
+        p->buffered -= c->dlen - c->doff;
+        p->buffers--;
+        free(c->dbuf);
+        c->dbuf = NULL;
+        c->doff = c->dlen = 0;
+    }
+    if (c->ubuf && !c->wpending) {
+        p->buffered -= c->ulen - c->uoff;
+        p->buffers--;
+        free(c->ubuf);
+        c->ubuf = NULL;
+        c->uoff = c->ulen = 0;
+    }
     /* A reset client gets RST semantics; nothing more will be sent to it. */
     shutdown(c->fd, SHUT_RDWR);
 }
@@ -356,6 +372,32 @@ static int conn_close_step(struct pump *p, struct conn *c)
     int r;
     if (p->dead)
         return 1;  /* nothing can be said to a dead session */
+    /* Finish what libssh2 may hold half-sent for this channel (see
+       conn_abort); the data goes to a channel that is about to close. */
+    if (c->wpending) {
+        ssize_t w = libssh2_channel_write_ex(c->ch, 0, c->ubuf + c->uoff,
+                                             c->wlen);
+        if (w == LIBSSH2_ERROR_EAGAIN) {
+            p->out_blocked = 1;
+            return 0;
+        }
+        c->wpending = 0;
+        if (w > 0)
+            c->nup += (unsigned long long)w;
+        p->buffered -= c->ulen - c->uoff;
+        p->buffers--;
+        free(c->ubuf);
+        c->ubuf = NULL;
+        c->uoff = c->ulen = 0;
+    }
+    if (c->rpending) {
+        r = libssh2_channel_receive_window_adjust2(c->ch, 0, 0, NULL);
+        if (r == LIBSSH2_ERROR_EAGAIN) {
+            p->out_blocked = 1;
+            return 0;
+        }
+        c->rpending = 0;
+    }
     if (!can_send_small(p)) {
         p->out_blocked = 1;
         return 0;

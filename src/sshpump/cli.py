@@ -12,7 +12,7 @@ import signal
 import sys
 
 from .errors import AuthError, SshpumpError, UsageError
-from .logsetup import setup_logging
+from .procsetup import raise_fd_limit, setup_logging
 from .master import Master, default_workers
 from .options import STRICT_VALUES, Options
 from .spec import parse_local_forward
@@ -229,6 +229,7 @@ def main(argv=None) -> int:
         print(f"sshpump: {e}", file=sys.stderr)
         return e.exit_code
     setup_logging(opts.verbose)
+    raise_fd_limit()
     if interactive and opts.passphrase is None:
         for path in opts.identity_files():
             if _key_is_encrypted(path):

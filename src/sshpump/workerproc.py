@@ -18,7 +18,7 @@ import sys
 
 from . import fdpass
 from .errors import AuthError, BridgeError, HostKeyError, SshpumpError
-from .logsetup import setup_logging
+from .procsetup import raise_fd_limit, setup_logging
 from .worker import Worker
 
 EXIT_BOOT_ERROR = 3  # like gunicorn: the master must not respawn in a loop
@@ -69,6 +69,10 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
                 return
             if kind == fdpass.CLIENT:
                 idx, peer = payload
+                if fd is None:  # fd table full: the kernel dropped it
+                    log.warning("worker %d: client %s lost in transfer (out of file descriptors)", index, peer)
+                    on_finished(1)
+                    continue
                 sock = socket.socket(fileno=fd)
                 if draining is not None:
                     sock.close()
@@ -105,6 +109,7 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent()
+    raise_fd_limit()
     ctrl = socket.socket(fileno=int(argv[0]))
     if os.getppid() == 1:
         return 1  # the master died before we could arm PDEATHSIG

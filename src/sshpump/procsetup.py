@@ -1,4 +1,4 @@
-"""Logging to stderr, one line per event, never a secret."""
+"""Process set-up shared by the master and workers: logging and fd limits."""
 
 import logging
 import os
@@ -14,3 +14,15 @@ def setup_logging(verbose: int, prefix: str | None = None) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+def raise_fd_limit() -> None:
+    """Every client costs a worker one fd (and the master one, briefly): use the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass

@@ -38,6 +38,7 @@ int libssh2_channel_receive_window_adjust2(LIBSSH2_CHANNEL *channel,
                                            unsigned int *storewindow);
 int libssh2_channel_send_eof(LIBSSH2_CHANNEL *channel);
 int libssh2_channel_eof(LIBSSH2_CHANNEL *channel);
+int libssh2_channel_wait_eof(LIBSSH2_CHANNEL *channel);
 int libssh2_channel_close(LIBSSH2_CHANNEL *channel);
 int libssh2_channel_wait_closed(LIBSSH2_CHANNEL *channel);
 int libssh2_session_last_errno(LIBSSH2_SESSION *session);

@@ -21,6 +21,15 @@
  *    libssh2_channel_window_read_ex() exposes without a syscall. We read a
  *    channel only when it has bytes and our buffer has room: that is the
  *    backpressure (no read -> no window adjust -> the server stops sending).
+ *  - a window adjust that returned EAGAIN keeps its packet (with the first
+ *    call's amount) but, when finally sent, adds the amount of the call that
+ *    completed it to libssh2's idea of the window. If the two differ,
+ *    libssh2 believes the window is smaller than the server does and
+ *    silently drops the data beyond it ("receive window is full, data
+ *    ignored"). So every adjust is repeated with the very same amount:
+ *    reads always ask for READ_CHUNK bytes (channel_read derives the amount
+ *    from the length), the transport is drained with calls that never
+ *    adjust, and explicit adjusts remember their amount.
  *  - packets built on the stack (channel EOF, keepalive) are identified by
  *    their address when resumed, so they must never be left half-sent; they
  *    are only sent when no send is pending and the socket has room.
@@ -41,6 +50,7 @@
 #define SSH_TAG 0xffffffffu  /* epoll data for the SSH socket */
 #define MAX_ROUNDS 64         /* bound on work per pump_run() call */
 #define MAX_WRITE 32700       /* libssh2 sends at most this per call */
+#define MIN_ADJUST 1024       /* LIBSSH2_CHANNEL_MINADJUST */
 
 enum { UP_OPEN, UP_DRAIN, UP_DONE };
 enum { DOWN_OPEN, DOWN_DRAIN, DOWN_DONE };
@@ -56,6 +66,7 @@ struct conn {
     int wpending;         /* channel_write returned EAGAIN: repeat it */
     size_t wlen;          /* length given to that write */
     int rpending;         /* a window adjust inside channel_read is pending */
+    unsigned long wadj;   /* explicit window adjust pending: its amount */
     char *ubuf;           /* client -> channel bytes in [uoff, ulen) */
     size_t uoff, ulen;
     char *dbuf;           /* channel -> client bytes in [doff, dlen) */
@@ -68,6 +79,7 @@ struct pump {
     int ssh_fd;
     int epfd;
     size_t bufsize;
+    size_t read_chunk;        /* every channel_read asks for exactly this */
     unsigned long window;     /* receive window to grant each channel, 0 = libssh2's */
     struct conn **conns;      /* indexed by id; NULL = free slot */
     int cap;
@@ -139,7 +151,8 @@ struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
         return NULL;
     p->s = session;
     p->ssh_fd = ssh_fd;
-    p->bufsize = bufsize ? bufsize : 65536;
+    p->bufsize = bufsize >= 8192 ? bufsize : 65536;
+    p->read_chunk = p->bufsize / 2;
     p->window = window;
     p->last_rx = now_mono();
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -254,13 +267,11 @@ int pump_add(struct pump *p, int fd, void *channel)
     }
     if (p->window) {
         /* Grow the receive window beyond libssh2's 2 MiB for long fat
-           pipes; force = 1 sends it now. EAGAIN leaves it queued in the
-           channel and channel_read completes it. */
+           pipes; step_down sends it before the first read. */
         unsigned long initial = 0;
         libssh2_channel_window_read_ex(c->ch, NULL, &initial);
         if (p->window > initial)
-            libssh2_channel_receive_window_adjust2(c->ch, p->window - initial,
-                                                   1, NULL);
+            c->wadj = p->window - initial;
     }
     p->conns[id] = c;
     p->live++;
@@ -365,6 +376,30 @@ void pump_want_out(struct pump *p)
     set_ssh_interest(p);
 }
 
+/* Complete a window adjust that returned EAGAIN, with the amount its
+   packet carries (see the top of this file). For an adjust started inside
+   channel_read that is what _libssh2_channel_read computed from the same
+   read length and the unchanged window. Returns 0 or a libssh2 error. */
+static int finish_adjust(struct pump *p, struct conn *c)
+{
+    unsigned long amount = c->wadj;
+    int r;
+    if (c->rpending) {
+        unsigned long initial = 0;
+        unsigned long window = libssh2_channel_window_read_ex(c->ch, NULL,
+                                                              &initial);
+        amount = initial + p->read_chunk - window;
+        if (amount < MIN_ADJUST)
+            amount = MIN_ADJUST;
+    }
+    r = libssh2_channel_receive_window_adjust2(c->ch, amount, 1, NULL);
+    if (r != LIBSSH2_ERROR_EAGAIN) {
+        c->rpending = 0;
+        c->wadj = 0;
+    }
+    return r;
+}
+
 /* Close the channel: EOF (if not sent), CLOSE, wait for the server's CLOSE.
    Returns 1 when the connection is finished. */
 static int conn_close_step(struct pump *p, struct conn *c)
@@ -390,13 +425,12 @@ static int conn_close_step(struct pump *p, struct conn *c)
         c->ubuf = NULL;
         c->uoff = c->ulen = 0;
     }
-    if (c->rpending) {
-        r = libssh2_channel_receive_window_adjust2(c->ch, 0, 0, NULL);
+    if (c->rpending || c->wadj) {
+        r = finish_adjust(p, c);
         if (r == LIBSSH2_ERROR_EAGAIN) {
             p->out_blocked = 1;
             return 0;
         }
-        c->rpending = 0;
     }
     if (!can_send_small(p)) {
         p->out_blocked = 1;
@@ -555,21 +589,24 @@ static int step_down(struct pump *p, struct conn *c)
 
         if (c->down != DOWN_OPEN || p->dead)
             break;
-        if (c->dlen == p->bufsize) {
-            /* Client is slow: leave the data in libssh2, whose window then
-               stops the server. A window adjust half-sent inside an earlier
-               read must still complete, or the session's single send buffer
-               stays blocked for everyone. */
-            if (c->rpending) {
-                int r = libssh2_channel_receive_window_adjust2(c->ch, 0, 0,
-                                                               NULL);
-                if (r == 0)
-                    c->rpending = 0;
-                else if (r == LIBSSH2_ERROR_EAGAIN)
-                    p->out_blocked = 1;
+        if (c->wadj || (c->rpending && p->bufsize - c->dlen < p->read_chunk)) {
+            /* An adjust is owed: our own (--window) or one half-sent inside
+               an earlier read while the client is now too slow to let us
+               read. It must complete, or the session's single send buffer
+               stays blocked for every channel. */
+            int r = finish_adjust(p, c);
+            if (r == LIBSSH2_ERROR_EAGAIN) {
+                p->out_blocked = 1;
+                break;
             }
-            break;
+            if (r < 0) {
+                session_failed(p, r);
+                return 1;
+            }
+            moved = 1;
         }
+        if (p->bufsize - c->dlen < p->read_chunk)
+            break;  /* slow client: libssh2's window now stops the server */
         {
             unsigned long avail = 0;
             ssize_t r;
@@ -585,8 +622,9 @@ static int step_down(struct pump *p, struct conn *c)
                 conn_abort(p, c, PUMP_END_CLIENT_ERROR, ENOMEM);
                 return 1;
             }
+            /* Always the same length: see the top of this file. */
             r = libssh2_channel_read_ex(c->ch, 0, c->dbuf + c->dlen,
-                                        p->bufsize - c->dlen);
+                                        p->read_chunk);
             if (r > 0) {
                 c->dlen += (size_t)r;
                 p->buffered += (size_t)r;
@@ -655,20 +693,25 @@ static int conn_step(struct pump *p, struct conn *c)
 }
 
 /* Let libssh2 read everything the socket holds, so that read_avail, EOF and
-   window adjusts are current for every channel. A zero-length read on any
-   open channel does exactly that and nothing else. */
+   window adjusts are current for every channel. channel_wait_eof on a
+   channel without EOF reads the transport until EAGAIN and sends nothing
+   (no window adjust, unlike a zero-length channel_read). */
 static void drain_transport(struct pump *p)
 {
     int i;
     for (i = 0; i < p->cap; i++) {
         struct conn *c = p->conns[i];
-        ssize_t r;
-        if (!c || c->closing)
+        int r;
+        if (!c || c->closing || c->down != DOWN_OPEN)
             continue;
-        r = libssh2_channel_read_ex(c->ch, 0, NULL, 0);
-        if (r < 0 && r != LIBSSH2_ERROR_EAGAIN)
-            session_failed(p, (int)r);
-        return;
+        r = libssh2_channel_wait_eof(c->ch);
+        if (r == LIBSSH2_ERROR_EAGAIN)
+            return;
+        if (r < 0) {
+            session_failed(p, r);
+            return;
+        }
+        /* r == 0: this channel is at EOF and may not have read; next one. */
     }
 }
 

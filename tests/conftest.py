@@ -57,3 +57,21 @@ def agent():
     from testbed.agent import SshAgent
     with SshAgent() as a:
         yield a
+
+
+@pytest.fixture
+def pump(sshd):
+    """Factory: ``pump(*specs, workers=0, verbose=1, extra=(), env=None, ...)``
+    starts the sshpump CLI against ``sshd`` (see tests/helpers.py) and always
+    stops it at teardown."""
+    from helpers import start_pump
+    started = []
+
+    def start(*specs, **kw):
+        p = start_pump(sshd, *specs, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()

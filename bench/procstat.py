@@ -1,0 +1,43 @@
+"""Process-tree accounting from /proc: CPU seconds (utime+stime) and RSS."""
+from __future__ import annotations
+
+import os
+
+from testbed._util import children_of
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pids) -> list[int]:
+    out = []
+    for p in pids:
+        out.append(p)
+        out.extend(children_of(p))
+    return sorted(set(out))
+
+
+def cpu_seconds(pids) -> float:
+    total = 0
+    for p in tree(pids):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                s = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        rest = s[s.rfind(")") + 2:].split()
+        total += int(rest[11]) + int(rest[12])   # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_bytes(pids) -> int:
+    total = 0
+    for p in tree(pids):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total

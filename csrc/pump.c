@@ -40,6 +40,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,10 +116,19 @@ static double now_mono(void)
 static ssize_t counting_recv(libssh2_socket_t fd, void *buf, size_t len,
                              int flags, void **abstract)
 {
+    static const int one = 1;
     ssize_t r = recv(fd, buf, len, flags);
     (void)abstract;
     if (r < 0)
         return -errno;  /* libssh2 expects -errno, like its own _libssh2_recv */
+    /* sshd leaves Nagle on for sessions without a tty, so a small packet
+       (an open confirmation, a short reply) waits for our ACK of the
+       previous one; with delayed ACKs that is up to 40 ms per exchange,
+       and it is what makes tunnels collapse under connection churn. ACK at
+       once instead. Linux clears QUICKACK by itself, so it is set again
+       after every read. */
+    if (r > 0)
+        setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
     if (r > 0 && fd >= 0 && fd < FD_TABLE && pump_by_fd[fd]) {
         pump_by_fd[fd]->rx_bytes += (unsigned long long)r;
         pump_by_fd[fd]->last_rx = now_mono();

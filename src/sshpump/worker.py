@@ -238,7 +238,10 @@ class Worker:
                 continue
             self.active[cid] = client
             if self.opts.verbose:
-                log.info("%s: conn %d open %s -> %s", self.name, cid, _peer_text(client), target)
+                log.info(
+                    "%s: conn %d open %s -> %s (%.1f ms after accept)",
+                    self.name, cid, _peer_text(client), target, (client.opened_at - client.queued_at) * 1000,
+                )
         if self.pump is not None:
             self.pump.want_in(False)
 

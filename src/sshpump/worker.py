@@ -192,8 +192,11 @@ class Worker:
     def load(self) -> int:
         return len(self.pending) + len(self.active)
 
-    def _drive_opens(self):
-        """Open channels for queued clients, one in flight at a time."""
+    def _drive_opens(self) -> int:
+        """Open channels for queued clients, one in flight at a time.
+
+        Returns how many were opened."""
+        opened = 0
         while self.pending and self.up:
             client = self.pending[0]
             target = client.fwd.target
@@ -214,17 +217,17 @@ class Worker:
                 continue
             except _SESSION_ERRORS as e:
                 self._session_failed(f"{type(e).__name__} during channel open")
-                return
+                return opened
             except sx.SSH2Error as e:
                 # libssh2 errors during an open are session-level (a failed
                 # open after a timeout leaves the session unusable).
                 self._session_failed(f"{type(e).__name__} during channel open: {e}")
-                return
+                return opened
             if ch == LIBSSH2_ERROR_EAGAIN or isinstance(ch, int):
                 self.pump.want_in(True)
                 if self.session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND:
                     self.pump.want_out()
-                return
+                return opened
             self.pending.popleft()
             client.channel = ch
             client.opened_at = time.monotonic()
@@ -237,6 +240,7 @@ class Worker:
                 self.on_finished(1)
                 continue
             self.active[cid] = client
+            opened += 1
             if self.opts.verbose:
                 log.info(
                     "%s: conn %d open %s -> %s (%.1f ms after accept)",
@@ -244,6 +248,7 @@ class Worker:
                 )
         if self.pump is not None:
             self.pump.want_in(False)
+        return opened
 
     def _handle_events(self, events):
         finished = 0
@@ -275,18 +280,16 @@ class Worker:
         return dead
 
     def _service(self):
-        """Run the pump and the open queue until neither has more to do."""
-        for _ in range(8):
+        """Run the pump, then the open queue; again only if an open completed
+        (its reply may have carried data the pump has not seen yet)."""
+        for _ in range(4):
             if self.pump is None:
                 return
             dead = self._handle_events(self.pump.run())
             if dead:
                 self._session_failed(dead)
                 return
-            had_pending = bool(self.pending)
-            self._drive_opens()
-            # An open reads the transport and may have queued channel data.
-            if not had_pending:
+            if not self.pending or not self._drive_opens():
                 return
 
     # ---- timers ------------------------------------------------------------

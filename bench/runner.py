@@ -4,7 +4,6 @@ odd ones), and collect per-repetition values."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import resource

@@ -105,3 +105,49 @@ def wait_listening(host: str, port: int, timeout: float = 15.0, proc=None):
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
         return is_listening(host, port)
     return wait_for(ready, timeout, what=f"listener on {host}:{port}")
+
+
+def stop_child(proc, grace: float = 5.0) -> None:
+    """Ask a child that serves until its stdin closes to stop; kill it after grace."""
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(grace)
+    except Exception:  # subprocess.TimeoutExpired
+        proc.kill()
+        proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+class Service:
+    """Lifecycle shared by the test bed's servers: ``start()`` returns self,
+    ``stop()`` ends the processes, ``close()`` also removes ``tmpdir``; as a
+    context manager a failed start still cleans up."""
+
+    tmpdir: str | None = None
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        raise NotImplementedError
+
+    def close(self):
+        import shutil
+
+        self.stop()
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc):
+        self.close()

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import tempfile
 
-from ._util import wait_for
+from ._util import Service, wait_for
 
 SSH_AGENT = "/usr/bin/ssh-agent"
 SSH_ADD = "/usr/bin/ssh-add"
 
 
-class SshAgent:
+class SshAgent(Service):
     """Constructor: ``SshAgent()``.
 
     Attributes: sock (path of the agent socket), env ({"SSH_AUTH_SOCK": sock}),
@@ -96,12 +95,3 @@ class SshAgent:
                     self.proc.wait()
             self.proc = None
 
-    def close(self):
-        self.stop()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()

@@ -43,6 +43,7 @@ import tempfile
 import threading
 
 from . import REPO_ROOT
+from ._util import Service, stop_child
 
 ADMIN_PROHIBITED_PORT = 1
 CONNECT_FAILED_PORT = 2
@@ -283,7 +284,7 @@ def main(argv=None):
 # --------------------------------------------------------------------------
 # parent-side handle
 # --------------------------------------------------------------------------
-class FaultServer:
+class FaultServer(Service):
     """Handle for a ``python -m testbed.faultserver`` child process.
 
     Constructor::
@@ -407,31 +408,9 @@ class FaultServer:
 
     def stop(self):
         if self.proc is not None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc.stdout.close()
+            stop_child(self.proc)
             self.proc = None
 
-    def close(self):
-        self.stop()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 if __name__ == "__main__":

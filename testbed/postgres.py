@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
 
-from ._util import free_port, ipv6_loopback_available, read_from
+from ._util import Service, free_port, ipv6_loopback_available, read_from
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 OS_USER = "postgres"
 
 
-class Postgres:
+class Postgres(Service):
     """Constructor::
 
         Postgres(max_connections=300, extra_conf=None, ipv6=None)
@@ -188,16 +187,3 @@ class Postgres:
     def stop(self):
         self._kill()
 
-    def close(self):
-        self.stop()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc):
-        self.close()

@@ -2,7 +2,9 @@
 
 Must run as root (sshd needs it to switch to the login user).  Logs in as the
 system user ``sshpump-test`` (created by scripts/install-system-deps.sh);
-a fresh random password is set with ``chpasswd`` at every start.
+the login user's password is random per machine, kept in a root-only file
+(``/var/lib/sshpump-test/password``) and set with ``chpasswd`` when that file
+is created, so that every Sshd (in this process or another) agrees on it.
 
     with Sshd() as s:
         subprocess.run(s.ssh_command("true"), check=True)
@@ -12,13 +14,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
 
-from ._util import children_of, free_port, ipv6_loopback_available, kill_pids, read_from
+from ._util import Service, children_of, free_port, ipv6_loopback_available, kill_pids, read_from
 
 SSHD = "/usr/sbin/sshd"
 SSH = "/usr/bin/ssh"
@@ -29,6 +30,32 @@ CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@open
            "aes128-ctr,aes192-ctr,aes256-ctr")
 
 _penalties_supported: bool | None = None
+
+
+PASSWORD_DIR = "/var/lib/sshpump-test"
+
+
+def _machine_password(user: str) -> str:
+    """One random password per machine and user, shared by every Sshd."""
+    path = os.path.join(PASSWORD_DIR, f"{user}.password")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        pass
+    os.makedirs(PASSWORD_DIR, mode=0o700, exist_ok=True)
+    password = secrets.token_urlsafe(18)
+    tmp = f"{path}.{os.getpid()}"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(password)
+    try:
+        os.link(tmp, path)  # first writer wins; others read its password
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    with open(path) as f:
+        return f.read().strip()
 
 
 def _keygen(path: str, ktype: str, passphrase: str = "", comment: str = "") -> None:
@@ -59,7 +86,7 @@ def _check_penalties(tmpdir: str, hostkey: str) -> bool:
     return _penalties_supported
 
 
-class Sshd:
+class Sshd(Service):
     """Real OpenSSH server on 127.0.0.1 (and [::1] when available).
 
     Constructor::
@@ -100,7 +127,7 @@ class Sshd:
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
-        self.password = secrets.token_urlsafe(18)
+        self.password = _machine_password(self.user)
         self.client_key_passphrase = "pass-" + secrets.token_urlsafe(12)
 
         self.tmpdir = tempfile.mkdtemp(prefix="sshpump-sshd-")
@@ -295,19 +322,6 @@ class Sshd:
         kill_pids(kids)
         self.pid = None
 
-    def close(self):
-        self.stop()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc):
-        self.close()
 
     # -- helpers --------------------------------------------------------
     def log(self, all_runs: bool = False) -> str:

@@ -35,6 +35,7 @@ import tempfile
 import threading
 
 from . import REPO_ROOT
+from ._util import stop_child
 from .data import pattern_chunks, set_cache_limit
 
 BUFSIZE = 1 << 20
@@ -280,22 +281,17 @@ class Targets:
 
     def stop(self):
         if self.proc is not None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc.stdout.close()
+            stop_child(self.proc)
             self.proc = None
         if self._own_dir:
             shutil.rmtree(self.unix_dir, ignore_errors=True)
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc):
         self.stop()

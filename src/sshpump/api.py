@@ -9,7 +9,6 @@ process (``workers=0``) or in worker processes (``workers >= 1``).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 

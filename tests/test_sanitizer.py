@@ -1,0 +1,99 @@
+"""The C pump under AddressSanitizer + UBSan: a debug build of the same sources
+carries real traffic (bulk both ways, half-close, many short connections,
+aborted clients) and must report nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from helpers import clean_env, start_pump
+from testbed.client import connect, download_and_verify, echo_roundtrip, upload_and_verify
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow
+
+
+def _libasan():
+    path = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module")
+def asan_package(tmp_path_factory):
+    """A copy of the sshpump package whose _pump is built with sanitizers."""
+    libasan = _libasan()
+    if libasan is None:
+        pytest.skip("gcc has no libasan here")
+    root = tmp_path_factory.mktemp("asan")
+    shutil.copytree(os.path.join(REPO, "src", "sshpump"), root / "sshpump",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    build = root / "build"
+    env = dict(os.environ, SSHPUMP_SANITIZE="1")
+    code = (
+        "import sys; sys.path.insert(0, 'csrc'); import build_pump; "
+        f"build_pump.ffibuilder.compile(tmpdir={str(build)!r}, verbose=False)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    built = [p for p in (build / "sshpump").glob("_pump*.so")]
+    assert built, os.listdir(build)
+    shutil.copy(built[0], root / "sshpump" / built[0].name)
+    return root, libasan
+
+
+def test_pump_clean_under_asan(asan_package, sshd, targets):
+    root, libasan = asan_package
+    env = clean_env({
+        "PYTHONPATH": f"{root}{os.pathsep}{REPO}",
+        "LD_PRELOAD": libasan,
+        # CPython's own allocations are not ours to judge; memory errors are.
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+    })
+    echo, sink, source = targets.tcp["echo"], targets.tcp["sink"], targets.tcp["source"]
+    p = start_pump(sshd, f"0:{echo[0]}:{echo[1]}", f"0:{sink[0]}:{sink[1]}", f"0:{source[0]}:{source[1]}",
+                   workers=0, env=env, ready_timeout=60)
+    try:
+        a_echo, a_sink, a_source = p.listen
+        with connect(a_sink) as s:
+            upload_and_verify(s, 48 << 20, "asan-up")
+        with connect(a_source) as s:
+            download_and_verify(s, 48 << 20, "asan-down")
+        errors = []
+
+        def short(i):
+            try:
+                with connect(a_echo) as s:
+                    echo_roundtrip(s, os.urandom(1000 + i), half_close=True)
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=short, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+        # Clients that vanish mid-transfer (RST with data in flight).
+        for _ in range(8):
+            s = connect(a_source)
+            s.sendall(b"%d reset\n" % (64 << 20))
+            s.recv(65536)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.close()
+        with connect(a_echo) as s:
+            echo_roundtrip(s, b"still serving", half_close=True)
+        assert p.proc.poll() is None, p.stderr()
+        assert p.stop() == 0, p.stderr()
+        log = p.stderr()
+    finally:
+        p.close()
+    assert "AddressSanitizer" not in log and "runtime error" not in log, log[-4000:]

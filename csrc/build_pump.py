@@ -44,7 +44,8 @@ ffibuilder.cdef(read_cdef())
 _libssh2 = find_bundled_libssh2()
 _extra_compile = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 _extra_link = [_libssh2, "-Wl,-rpath,$ORIGIN/../ssh2_python.libs"]
-if os.environ.get("SSHPUMP_SANITIZE"):
+_sanitize = bool(os.environ.get("SSHPUMP_SANITIZE"))
+if _sanitize:
     # Debug build for CI: AddressSanitizer + UndefinedBehaviorSanitizer.
     _extra_compile += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
     _extra_link += ["-fsanitize=address,undefined"]
@@ -52,7 +53,9 @@ if os.environ.get("SSHPUMP_SANITIZE"):
 ffibuilder.set_source(
     "sshpump._pump",
     '#include "pump.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "pump.c"))],
+    # setuptools wants a path relative to setup.py; ffibuilder.compile() (the
+    # sanitizer build in the tests) runs from a temporary directory.
+    sources=[os.path.join(HERE, "pump.c") if _sanitize else os.path.relpath(os.path.join(HERE, "pump.c"))],
     include_dirs=[HERE],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

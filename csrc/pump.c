@@ -797,6 +797,8 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
     set_ssh_interest(p);
 
     filled = p->nev < max ? p->nev : max;
+    if (filled == 0)
+        return 0;  /* evq may still be NULL */
     memcpy(out, p->evq, (size_t)filled * sizeof(*out));
     memmove(p->evq, p->evq + filled, (size_t)(p->nev - filled) * sizeof(*out));
     p->nev -= filled;

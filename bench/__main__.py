@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     g.add_argument("--smoke", action="store_true", help="tiny workloads, seconds")
     g.add_argument("--full", action="store_true", help="everything, longer, 3 repetitions")
     ap.add_argument("--only", action="append", metavar="CONTENDER",
-                    help="run only these contenders (e.g. 'sshpump w0', 'ssh -L', direct); repeatable")
+                    help="run only these contenders (e.g. 'sshpump w0', 'ssh -L', direct; also 'sshpump w1', which only runs when named); repeatable")
     ap.add_argument("--workload", action="append", metavar="KEY", help="run only these workloads; repeatable")
     ap.add_argument("--out", help="results directory (default bench/results)")
     ap.add_argument("-q", "--quiet", action="store_true")

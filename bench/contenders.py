@@ -289,6 +289,11 @@ class OpenSSH(Contender):
         raise RuntimeError(f"ssh -L did not start: {last}")
 
 
+def extra_contenders() -> list[Contender]:
+    """Run only when named with --only (kept out of the default suites' time)."""
+    return [Sshpump(1, "sshpump w1", "sshpump --workers 1: master + 1 worker process, 1 session")]
+
+
 def all_contenders(spc_sessions: int = 16) -> list[Contender]:
     return [
         Sshpump(0, "sshpump w0", "sshpump --workers 0: one process, one session, a channel per connection"),

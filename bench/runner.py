@@ -123,6 +123,7 @@ def run_suite(mode: str = "quick", outdir: str | None = None, only: list[str] | 
         workloads = [w for w in workloads if w.key in workload_filter]
     contenders = C.all_contenders(cfg["spc_sessions"])
     if only:
+        contenders += C.extra_contenders()
         contenders = [c for c in contenders if c.name in only or c.name.replace(" ", "-") in only]
     need_pg = cfg["pg"] and any(w.needs_pg for w in workloads)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -254,7 +254,12 @@ def run_idle(run, target_i: int, n: int, timeout: float) -> dict:
 
         t0 = time.perf_counter()
         try:
-            await asyncio.gather(*[one(k) for k in range(n)])
+            # Collect every outcome so no task is left with an unretrieved
+            # error; report the first failure.
+            outcomes = await asyncio.gather(*[one(k) for k in range(n)], return_exceptions=True)
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            if failed:
+                raise failed[0]
             dt = time.perf_counter() - t0
             await asyncio.sleep(0.5)
             rss1 = procstat.rss_bytes(pids) if pids else None

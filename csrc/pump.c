@@ -97,6 +97,7 @@ struct pump {
     int dead;                 /* session failed: libssh2 error code */
     int dead_reported;
     unsigned long long rx_bytes;
+    unsigned long long rx_scanned;  /* rx_bytes when every channel was last looked at */
     double last_rx;
     unsigned long long buffered, buffers;
     libssh2_cb_generic *orig_recv;  /* ssh2-python's recv, restored on free */
@@ -269,6 +270,7 @@ int pump_add(struct pump *p, int fd, void *channel)
     c->fd = fd;
     c->ch = channel;
     c->rd_ready = c->wr_ready = 1;
+    c->hot = 1;
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.u64 = (unsigned)id;
     if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
@@ -727,6 +729,15 @@ static void drain_transport(struct pump *p)
     }
 }
 
+/* Work is pending that no new input will announce: buffered bytes, a send
+   to repeat, an EOF to pass on, a close in progress. */
+static int conn_busy(const struct conn *c)
+{
+    return c->closing || c->wpending || c->rpending || c->wadj ||
+           c->ulen > c->uoff || c->dlen > c->doff || c->up == UP_DRAIN ||
+           c->down == DOWN_DRAIN || (c->down == DOWN_DONE && c->up != UP_DONE);
+}
+
 int pump_run(struct pump *p, struct pump_event *out, int max)
 {
     struct epoll_event evs[256];
@@ -747,27 +758,29 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
                 c->rd_ready = 1;
             if (evs[i].events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
                 c->wr_ready = 1;
+            c->hot = 1;
         }
     }
 
     p->out_blocked = 0;
     for (round = 0; round < MAX_ROUNDS && !p->dead; round++) {
         int progress = 0;
-        unsigned long long rx = p->rx_bytes;
         int full;
         drain_transport(p);
-        /* The first round looks at every connection; later rounds only at
-           those that moved, unless the server sent something meanwhile.
-           Thousands of idle connections then cost one cheap pass per
-           wakeup, not one per round. */
-        full = round == 0 || p->rx_bytes != rx;
+        /* Channel data, EOF and window adjusts only come in through the SSH
+           socket, and libssh2 cannot say for which channels: when the server
+           sent something, look at every connection. Otherwise only at those
+           with client events or work in progress ("hot"). Thousands of idle
+           connections then cost nothing on client-side wakeups. */
+        full = p->rx_bytes != p->rx_scanned;
+        p->rx_scanned = p->rx_bytes;
         for (i = 0; i < p->cap && !p->dead; i++) {
             struct conn *c = p->conns[i];
             if (!c || (!full && !c->hot))
                 continue;
             moved = conn_step(p, c);
             if (p->conns[i] == c)  /* not finished and freed */
-                c->hot = moved;
+                c->hot = moved || conn_busy(c);
             progress |= moved;
         }
         if (!progress)

@@ -1,6 +1,6 @@
 """``python -m bench [--smoke | --full] [--only NAME ...] [--workload KEY ...] [--out DIR]``
 
-quick (default, ~3 min): bulk up/down 256 MiB, 16 parallel uploads, echo round
+quick (default, ~3 min): bulk up/down 192 MiB, 16 parallel uploads, echo round
 trips at 1 and 64 connections, connection churn at 16, pgbench -S steady and
 -C, 1,000 idle connections; 2 repetitions.
 --full: 1 GiB bulk, 64 parallel streams, 10,000 idle connections, longer

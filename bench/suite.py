@@ -37,8 +37,8 @@ def build(mode: str) -> tuple[list[Workload], dict]:
         ]
         return wl, {"reps": 1, "spc_sessions": 2, "pg": False}
     full = mode == "full"
-    bulk = (1024 if full else 256) * MiB
-    rr_t = 3.0 if full else 1.0
+    bulk = (1024 if full else 192) * MiB
+    rr_t = 3.0 if full else 0.7
     churn_t = 4.0 if full else 1.0
     pg_t = 8 if full else 2
     wl = [

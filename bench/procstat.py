@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from testbed._util import children_of
+from testbed._util import children_of, stat_fields
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -19,12 +19,9 @@ def tree(pids) -> list[int]:
 def cpu_seconds(pids) -> float:
     total = 0
     for p in tree(pids):
-        try:
-            with open(f"/proc/{p}/stat", "rb") as f:
-                s = f.read().decode(errors="replace")
-        except OSError:
+        rest = stat_fields(p)
+        if rest is None:
             continue
-        rest = s[s.rfind(")") + 2:].split()
         total += int(rest[11]) + int(rest[12])   # utime, stime (fields 14, 15)
     return total / CLK_TCK
 

@@ -28,6 +28,8 @@ import sys
 import threading
 import zlib
 
+from testbed._util import tune_socket
+
 BUFSIZE = 1 << 20
 PATTERN_SIZE = 16 << 20   # the source repeats this buffer
 
@@ -46,15 +48,6 @@ def stream_crc(nbytes: int, buf: bytes) -> int:
     for _ in range(full):
         crc = zlib.crc32(mv, crc)
     return zlib.crc32(mv[:rest], crc)
-
-
-def _tune(sock):
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, BUFSIZE)
-        except OSError:
-            pass
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _read_line(conn) -> bytes:
@@ -101,7 +94,7 @@ def _source(conn, pat):
 
 def _serve(handler, conn, *args):
     try:
-        _tune(conn)
+        tune_socket(conn, BUFSIZE)
         handler(conn, *args)
     except (OSError, ValueError):
         pass
@@ -138,7 +131,7 @@ class _Echo(asyncio.Protocol):
 def _listener():
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    _tune(s)
+    tune_socket(s, BUFSIZE)
     s.bind(("127.0.0.1", 0))
     s.listen(4096)
     return s

@@ -43,18 +43,36 @@ def read_from(path: str, offset: int) -> str:
         return ""
 
 
+def stat_fields(pid) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def tune_socket(sock, bufsize: int = 1 << 20) -> None:
+    """Big buffers for bulk tests; TCP_NODELAY for round trips."""
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, bufsize)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def children_of(pid: int) -> list[int]:
     """All descendant pids of ``pid`` (via /proc), deepest last."""
     ppids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
+        rest = stat_fields(d)
+        if rest is None:
             continue
-        rest = stat[stat.rfind(")") + 2:].split()
         ppids.setdefault(int(rest[1]), []).append(int(d))
     out, todo = [], [pid]
     while todo:

@@ -35,7 +35,7 @@ import tempfile
 import threading
 
 from . import REPO_ROOT
-from ._util import stop_child
+from ._util import Service, stop_child, tune_socket
 from .data import pattern_chunks, set_cache_limit
 
 BUFSIZE = 1 << 20
@@ -57,16 +57,6 @@ class _Stats:
 
 
 STATS = _Stats()
-
-
-def _tune(sock):
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, BUFSIZE)
-        except OSError:
-            pass
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _echo(conn):
@@ -126,7 +116,7 @@ _HANDLERS = {"echo": _echo, "sink": _sink, "source": _source}
 
 def _serve_conn(kind, conn):
     try:
-        _tune(conn)
+        tune_socket(conn)
         _HANDLERS[kind](conn)
     except (OSError, ValueError):
         pass
@@ -167,7 +157,7 @@ def _stats_loop(lsock):
 def _tcp_listener(host="127.0.0.1", listen=True):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    _tune(s)
+    tune_socket(s)
     s.bind((host, 0))
     if listen:
         s.listen(512)
@@ -180,7 +170,7 @@ def _unix_listener(path, listen=True):
     except FileNotFoundError:
         pass
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    _tune(s)
+    tune_socket(s)
     s.bind(path)
     os.chmod(path, 0o777)
     if listen:
@@ -233,7 +223,7 @@ def main(argv=None):
     os._exit(0)
 
 
-class Targets:
+class Targets(Service):
     """Start ``python -m testbed.targets`` in a child process.
 
     Attributes after start: ``tcp`` (dict kind -> (host, port); kinds echo,
@@ -285,16 +275,6 @@ class Targets:
             self.proc = None
         if self._own_dir:
             shutil.rmtree(self.unix_dir, ignore_errors=True)
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 if __name__ == "__main__":

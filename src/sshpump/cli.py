@@ -240,14 +240,12 @@ def main(argv=None) -> int:
     while True:
         try:
             return uvloop.run(_run(opts, ns))
-        except AuthError as e:
-            if interactive and opts.password is None and "password" in str(e).split("tried:")[0]:
-                opts.password = getpass.getpass(f"{opts.user}@{opts.host}'s password: ")
-                continue
-            print(f"sshpump: {e}", file=sys.stderr)
-            return e.exit_code
         except SshpumpError as e:
-            if interactive and opts.password is None and e.exit_code == AuthError.exit_code and "password" in str(e):
+            # Worker processes report auth failures as plain SshpumpError
+            # with AuthError's exit code; the server's methods are in the text.
+            offered = str(e).split("tried:")[0]
+            if (e.exit_code == AuthError.exit_code and interactive and opts.password is None
+                    and "password" in offered):
                 opts.password = getpass.getpass(f"{opts.user}@{opts.host}'s password: ")
                 continue
             print(f"sshpump: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import os
 import random
 import socket
 import termios
@@ -32,17 +33,6 @@ from .pump import END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
 from .spec import LocalForward
 
 log = logging.getLogger("sshpump")
-
-# Errors from a channel open that say the session, not the channel, failed.
-_SESSION_ERRORS = (
-    sx.SocketDisconnectError,
-    sx.SocketRecvError,
-    sx.SocketSendError,
-    sx.KeyExchangeError,
-    sx.DecryptError,
-    sx.TimeoutError if hasattr(sx, "TimeoutError") else sx.SocketDisconnectError,
-    sx.ProtocolError,
-)
 
 
 @dataclass
@@ -215,13 +205,11 @@ class Worker:
                 client.sock.close()
                 self.on_finished(1)
                 continue
-            except _SESSION_ERRORS as e:
-                self._session_failed(f"{type(e).__name__} during channel open")
-                return opened
             except sx.SSH2Error as e:
-                # libssh2 errors during an open are session-level (a failed
-                # open after a timeout leaves the session unusable).
-                self._session_failed(f"{type(e).__name__} during channel open: {e}")
+                # Any other libssh2 error during an open is session-level
+                # (socket, kex, protocol; a failed open after a timeout leaves
+                # the session unusable): replace the session.
+                self._session_failed(f"{type(e).__name__} during channel open{': ' + str(e) if str(e) else ''}")
                 return opened
             if ch == LIBSSH2_ERROR_EAGAIN or isinstance(ch, int):
                 self.pump.want_in(True)
@@ -402,8 +390,6 @@ def _peer_text(client: Client) -> str:
 
 
 def _err_text(err: int) -> str:
-    import os
-
     if err > 0:
         return os.strerror(err)
     return f"libssh2 error {err}"

@@ -33,7 +33,7 @@ class Options:
     passphrase: str | None = None
     known_hosts: list[str] = field(default_factory=lambda: [os.path.expanduser("~/.ssh/known_hosts")])
     strict_host_key_checking: str = "yes"
-    connect_timeout: float | None = None
+    connect_timeout: float | None = 30.0  # TCP connect + handshake + auth; None = no bound
     server_alive_interval: float = 30.0
     server_alive_count_max: int = 3
     exit_on_forward_failure: bool = False

@@ -39,8 +39,8 @@ def build(mode: str) -> tuple[list[Workload], dict]:
     full = mode == "full"
     bulk = (1024 if full else 192) * MiB
     rr_t = 3.0 if full else 0.7
-    churn_t = 4.0 if full else 1.0
-    pg_t = 8 if full else 2
+    churn_t = 4.0 if full else 0.7
+    pg_t = 8 if full else 1
     wl = [
         Workload("up", f"bulk upload {bulk // MiB} MiB, 1 stream", "MB/s", True,
                  lambda r, e: W.run_bulk(r, SINK, bulk, "up"), group="bulk"),

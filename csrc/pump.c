@@ -93,6 +93,8 @@ struct pump {
     int nev, evcap;
     int out_blocked;          /* some send returned EAGAIN this run */
     int want_in;              /* Python waits for a reply (channel open) */
+    LIBSSH2_CHANNEL *control; /* an idle session channel that lets us read the
+                                 socket while no connection is open */
     unsigned ssh_events;      /* interest currently set for the SSH socket */
     int dead;                 /* session failed: libssh2 error code */
     int dead_reported;
@@ -143,7 +145,7 @@ static void set_ssh_interest(struct pump *p)
     /* Without a channel nothing drains the socket, so level-triggered EPOLLIN
        would spin; EPOLLRDHUP still reports a server that went away. */
     unsigned want = EPOLLRDHUP;
-    if (p->live > 0 || p->want_in)
+    if (p->live > 0 || p->want_in || p->control)
         want |= EPOLLIN;
     if (p->out_blocked)
         want |= EPOLLOUT;
@@ -712,10 +714,9 @@ static int conn_step(struct pump *p, struct conn *c)
    (no window adjust, unlike a zero-length channel_read). */
 static void drain_transport(struct pump *p)
 {
-    int i;
+    int i, r;
     for (i = 0; i < p->cap; i++) {
         struct conn *c = p->conns[i];
-        int r;
         if (!c || c->closing || c->down != DOWN_OPEN)
             continue;
         r = libssh2_channel_wait_eof(c->ch);
@@ -726,6 +727,15 @@ static void drain_transport(struct pump *p)
             return;
         }
         /* r == 0: this channel is at EOF and may not have read; next one. */
+    }
+    /* No connection could do it: the control channel reads for the session,
+       so that the server's keepalives and rekeys get their answers. */
+    if (p->control) {
+        r = libssh2_channel_wait_eof(p->control);
+        if (r < 0 && r != LIBSSH2_ERROR_EAGAIN)
+            session_failed(p, r);
+        else if (r == 0)
+            p->control = NULL;  /* the server closed it; fall back */
     }
 }
 
@@ -748,7 +758,7 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
         unsigned long long tag = evs[i].data.u64;
         if (tag == SSH_TAG) {
             if ((evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) &&
-                p->live == 0)
+                p->live == 0 && !p->control)
                 session_failed(p, -13 /* LIBSSH2_ERROR_SOCKET_DISCONNECT */);
             continue;
         }
@@ -828,6 +838,12 @@ void pump_abort(struct pump *p, int conn, int session_dead)
         if (c && (conn < 0 || conn == i))
             conn_abort(p, c, PUMP_END_ABORTED, 0);
     }
+}
+
+void pump_set_control(struct pump *p, void *channel)
+{
+    p->control = channel;
+    set_ssh_interest(p);
 }
 
 void pump_want_in(struct pump *p, int on)

@@ -71,6 +71,10 @@ void pump_want_out(struct pump *p);
 /* Python waits for the server (a channel open in flight): watch for input
    even while no connection is open. */
 void pump_want_in(struct pump *p, int on);
+/* A session channel with no command, kept open so that the pump can read the
+   SSH socket while no connection is open (server keepalives, rekeys). The
+   caller keeps its Python owner alive; NULL to drop it. */
+void pump_set_control(struct pump *p, void *channel);
 
 void pump_get_stats(struct pump *p, struct pump_stats *st);
 

@@ -120,6 +120,10 @@ class Pump:
     def want_out(self):
         lib.pump_want_out(self._p)
 
+    def set_control(self, channel):
+        """The session's idle control channel (kept alive by the caller)."""
+        lib.pump_set_control(self._p, channel_pointer(channel))
+
     def want_in(self, on: bool):
         lib.pump_want_in(self._p, 1 if on else 0)
 

@@ -145,8 +145,22 @@ def authenticate(session, opts: Options) -> None:
     )
 
 
+def _open_control_channel(session, opts: Options):
+    """A session channel with no command, only so that the pump can read the
+    socket while no connection is open: libssh2 processes incoming packets
+    only through a channel, and a server with ClientAliveInterval drops a
+    client that leaves its keepalives unanswered. None if the server refuses."""
+    try:
+        return session.open_session()
+    except sx.SSH2Error as e:
+        log.info("%s: no control channel (%s); an idle session may be dropped by the server",
+                 opts.host, type(e).__name__)
+        return None
+
+
 def connect(opts: Options):
-    """Return (session, sock): authenticated, non-blocking, host key verified."""
+    """Return (session, sock, control channel or None): authenticated,
+    non-blocking, host key verified."""
     timeout = opts.connect_timeout
     try:
         sock = socket.create_connection((opts.host, opts.port), timeout=timeout)
@@ -174,11 +188,12 @@ def connect(opts: Options):
             authenticate(session, opts)
         except sx.SSH2Error as e:
             raise ConnectError(f"{opts.host}: session failed during auth: {_auth_error_text(e)}") from None
+        control = _open_control_channel(session, opts)
         session.set_timeout(0)
         session.keepalive_config(True, 1)  # we decide when; libssh2 only rate-limits
         session.set_blocking(False)
         sock.setblocking(False)
-        return session, sock
+        return session, sock, control
     except BaseException:
         sock.close()
         raise

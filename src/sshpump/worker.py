@@ -73,6 +73,7 @@ class Worker:
         self.loop = None
         self.session = None
         self.sock = None
+        self.control = None
         self.pump = None
         self.up = False
         self.pending: deque[Client] = deque()
@@ -100,9 +101,11 @@ class Worker:
         self._schedule_reconnect("starting", first=True)
 
     async def _connect(self):
-        session, sock = await asyncio.to_thread(ssh_session.connect, self.opts)
-        self.session, self.sock = session, sock
+        session, sock, control = await asyncio.to_thread(ssh_session.connect, self.opts)
+        self.session, self.sock, self.control = session, sock, control
         self.pump = Pump(session, sock.fileno(), self.opts.bufsize, self.opts.window)
+        if control is not None:
+            self.pump.set_control(control)
         self.loop.add_reader(self.pump.fileno, self._service)
         self.up = True
         self._ka_seen = self._rx_mark()
@@ -154,6 +157,7 @@ class Worker:
         opening = self.pending[0] if self.pending and self.pending[0].channel == "opening" else None
         if opening is not None:
             opening.channel = None  # the open died with the session; retry later
+        self.control = None
         self.session = None
         self.sock.close()
         self.sock = None
@@ -374,6 +378,7 @@ class Worker:
             self.active.clear()
             self.pump.close()
             self.pump = None
+        self.control = None
         self.session = None
         if self.sock is not None:
             self.sock.close()

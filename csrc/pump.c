@@ -327,10 +327,7 @@ static void conn_finish(struct pump *p, struct conn *c)
     close(c->fd);
     c->fd = -1;
     conn_release_buffers(p, c);
-    if (c->reason == PUMP_END_NORMAL && c->err == 0)
-        push_event(p, PUMP_EV_DONE, c, 0);
-    else
-        push_event(p, PUMP_EV_DONE, c, c->err);
+    push_event(p, PUMP_EV_DONE, c, c->err);
     p->conns[c->id] = NULL;
     p->free_ids[p->nfree++] = c->id;
     p->live--;

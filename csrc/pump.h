@@ -19,8 +19,7 @@ enum {
     PUMP_END_CLIENT_ERROR = 1,  /* client socket reset or send failed */
     PUMP_END_CHANNEL_CLOSED = 2,/* server closed the channel with data pending */
     PUMP_END_CHANNEL_ERROR = 3, /* libssh2 refused a channel operation */
-    PUMP_END_ABORTED = 4,       /* closed by pump_abort() / session death */
-    PUMP_END_FORCED = 5         /* channel close timed out at drain deadline */
+    PUMP_END_ABORTED = 4        /* closed by pump_abort() / session death */
 };
 
 struct pump_event {

@@ -21,6 +21,8 @@ _FIELD_OFFSET = object.__basicsize__  # first cdef field follows PyObject_HEAD
 _SSH2_VERSION = getattr(ssh2, "__version__", "unknown")
 _channel_checked = False
 
+END_NORMAL = lib.PUMP_END_NORMAL
+END_ABORTED = lib.PUMP_END_ABORTED
 EV_DONE = lib.PUMP_EV_DONE
 EV_SESSION_DEAD = lib.PUMP_EV_SESSION_DEAD
 
@@ -30,7 +32,6 @@ END_REASONS = {
     lib.PUMP_END_CHANNEL_CLOSED: "channel closed by server with data pending",
     lib.PUMP_END_CHANNEL_ERROR: "channel error",
     lib.PUMP_END_ABORTED: "aborted",
-    lib.PUMP_END_FORCED: "forced close",
 }
 
 

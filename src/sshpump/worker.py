@@ -29,7 +29,7 @@ from ssh2.session import LIBSSH2_SESSION_BLOCK_OUTBOUND
 from . import session as ssh_session
 from .errors import ChannelOpenError, SshpumpError
 from .options import Options
-from .pump import END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
+from .pump import END_ABORTED, END_NORMAL, END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
 from .spec import LocalForward
 
 log = logging.getLogger("sshpump")
@@ -254,13 +254,15 @@ class Worker:
                 # Dropping the Channel frees it in libssh2; the pump has
                 # already closed it, so the free sends nothing.
                 client.channel = None
-                if self.opts.verbose or reason not in (0, 4):
+                # Ends the user did not cause (errors) are logged even without -v.
+                routine = reason in (END_NORMAL, END_ABORTED)
+                if self.opts.verbose or not routine:
                     dur = time.monotonic() - client.opened_at
                     why = END_REASONS.get(reason, str(reason))
                     if err:
                         why += f" ({_err_text(err)})"
                     log.log(
-                        logging.INFO if reason in (0, 4) else logging.WARNING,
+                        logging.INFO if routine else logging.WARNING,
                         "%s: conn %d closed %s -> %s: up %d bytes, down %d bytes, %.3fs, %s",
                         self.name, cid, _peer_text(client), client.fwd.target, up, down, dur, why,
                     )

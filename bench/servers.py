@@ -50,6 +50,19 @@ def stream_crc(nbytes: int, buf: bytes) -> int:
     return zlib.crc32(mv[:rest], crc)
 
 
+def recv_crc(sock, want: int, crc: int = 0) -> tuple[int, int]:
+    """Receive up to ``want`` bytes (fewer at EOF); return (count, running crc32)."""
+    view = memoryview(bytearray(BUFSIZE))
+    got = 0
+    while got < want:
+        n = sock.recv_into(view, min(BUFSIZE, want - got))
+        if n == 0:
+            break
+        crc = zlib.crc32(view[:n], crc)
+        got += n
+    return got, crc
+
+
 def _read_line(conn) -> bytes:
     line = b""
     while b"\n" not in line:
@@ -64,16 +77,8 @@ def _sink(conn):
     line = _read_line(conn)
     head, extra = line.split(b"\n", 1)
     want = int(head)
-    crc = zlib.crc32(extra)
-    total = len(extra)
-    buf = bytearray(BUFSIZE)
-    view = memoryview(buf)
-    while total < want:
-        n = conn.recv_into(view, min(BUFSIZE, want - total))
-        if n == 0:
-            break
-        crc = zlib.crc32(view[:n], crc)
-        total += n
+    got, crc = recv_crc(conn, want - len(extra), zlib.crc32(extra))
+    total = len(extra) + got
     conn.sendall(f"{total} {crc}\n".encode())
     while conn.recv(65536):
         pass

@@ -15,10 +15,9 @@ import socket
 import subprocess
 import threading
 import time
-import zlib
 
 from . import procstat
-from .servers import pattern, stream_crc
+from .servers import pattern, recv_crc, stream_crc
 
 BUF = 1 << 20
 IO_TIMEOUT = 60.0
@@ -68,17 +67,9 @@ def upload(addr, n: int) -> None:
 
 
 def download(addr, n: int) -> None:
-    buf = bytearray(BUF)
-    view = memoryview(buf)
-    crc = got = 0
     with _connect(addr) as s:
         s.sendall(f"{n}\n".encode())
-        while got < n:
-            r = s.recv_into(view, min(BUF, n - got))
-            if r == 0:
-                break
-            crc = zlib.crc32(view[:r], crc)
-            got += r
+        got, crc = recv_crc(s, n)
     if got != n or crc != expected_crc(n):
         raise AssertionError(f"source: got {got} of {n} bytes, crc {'ok' if crc == expected_crc(n) else 'BAD'}")
 

@@ -30,6 +30,11 @@ PKGS=(
     util-linux          # runuser
     psmisc              # fuser
     procps
+    # building sshpump's patched libssh2 (csrc/build_libssh2.py)
+    gcc
+    patch
+    libssl-dev          # OpenSSL headers (the library itself is ssh2-python's)
+    zlib1g-dev
 )
 
 apt-get update

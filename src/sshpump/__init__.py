@@ -1,5 +1,7 @@
 """sshpump: SSH port forwarding (ssh -L) built for throughput and concurrency."""
 
+# First: load the patched libssh2 before anything binds ssh2-python's own.
+from .libssh2_loader import LOADED as LIBSSH2  # noqa: I001
 from .api import Tunnel, forward
 from .errors import (
     AuthError,
@@ -18,5 +20,5 @@ from .spec import Endpoint, LocalForward, parse_local_forward
 __all__ = [
     "AuthError", "BridgeError", "ChannelOpenError", "ConnectError", "Endpoint", "ForwardError",
     "HostKeyError", "LocalForward", "Options", "SpecError", "SshpumpError", "Tunnel", "UsageError",
-    "forward", "parse_local_forward",
+    "LIBSSH2", "forward", "parse_local_forward",
 ]

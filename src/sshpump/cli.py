@@ -42,6 +42,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def version_text() -> str:
+    """``sshpump --version``: ours, the libssh2 in use (patched or stock, its path), OpenSSL."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .libssh2_loader import LOADED
+
+    try:
+        ours = version("sshpump")
+    except PackageNotFoundError:
+        ours = "unknown (not installed)"
+    why = f" ({LOADED.why_stock})" if LOADED.why_stock else ""
+    return (f"sshpump {ours}\n"
+            f"libssh2 1.11.1, {LOADED.kind}{why}: {LOADED.path}\n"
+            f"{LOADED.openssl}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sshpump",
@@ -55,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"Key passphrase: {PASSPHRASE_ENV} or the prompt.\n\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text(),
+                   help="print sshpump's version, the libssh2 in use and OpenSSL's version")
     p.add_argument("destination", metavar="[user@]host")
     p.add_argument("-L", dest="local", action="append", default=[], metavar="spec",
                    help="[bind:]port:host:hostport | [bind:]port:/remote/socket | "

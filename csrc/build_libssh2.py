@@ -214,7 +214,7 @@ def sources(root: str) -> list[str]:
 
 
 def compile_args(root: str, extra: list[str] = ()) -> list[str]:
-    return [os.environ.get("CC", "gcc"), *CFLAGS, *extra, *DEFINES,
+    return [os.environ.get("CC", "gcc"), *CFLAGS, *DEFINES, *extra,
             "-I", os.path.join(root, "include"), "-I", os.path.join(root, "src")]
 
 
@@ -239,8 +239,11 @@ def compile_all(root: str, objdir: str, extra: list[str] = ()) -> list[str]:
     return objs
 
 
-def build(outdir: str) -> str:
-    """Build the patched library into outdir; returns its path."""
+def build(outdir: str, cflags: list[str] = (), ldflags: list[str] = ()) -> str:
+    """Build the patched library into outdir; returns its path.
+
+    cflags/ldflags are added last (the sanitizer test builds with
+    ``-fsanitize=address,undefined -UNDEBUG``)."""
     _check_tools()
     stock_ssh2, crypto = wheel_libs()
     soname = os.path.basename(stock_ssh2)
@@ -249,14 +252,14 @@ def build(outdir: str) -> str:
     with tempfile.TemporaryDirectory(prefix="sshpump-libssh2-") as tmp:
         root = extract_libssh2(data, tmp)
         apply_patch(root)
-        objs = compile_all(root, tmp)
+        objs = compile_all(root, tmp, list(cflags))
         out = os.path.join(outdir, soname)
         cmd = [os.environ.get("CC", "gcc"), "-shared", "-o", out + ".tmp", *objs,
                f"-Wl,-soname,{soname}", "-Wl,--no-undefined", "-Wl,-z,defs",
                # Linking the wheel's libcrypto by path records its soname; the
                # rpath finds it in a regular install, and sshpump loads it by
                # absolute path first in any case.
-               crypto, "-lz", "-Wl,-rpath,$ORIGIN/../../ssh2_python.libs"]
+               crypto, "-lz", "-Wl,-rpath,$ORIGIN/../../ssh2_python.libs", *ldflags]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise BuildError(f"linking libssh2 failed: {r.stderr.strip()}")

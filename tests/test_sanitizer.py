@@ -1,6 +1,6 @@
-"""The C pump under AddressSanitizer + UBSan: a debug build of the same sources
-carries real traffic (bulk both ways, half-close, many short connections,
-aborted clients) and must report nothing."""
+"""The C pump and the patched libssh2 under AddressSanitizer + UBSan: debug
+builds of the same sources carry real traffic (bulk both ways across a rekey,
+half-close, many short connections, aborted clients) and must report nothing."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import threading
 
 import pytest
 
-from helpers import clean_env, start_pump
+from helpers import clean_env, extra_sshd, start_pump
 from testbed.client import connect, download_and_verify, echo_roundtrip, upload_and_verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def _libasan():
 
 @pytest.fixture(scope="module")
 def asan_package(tmp_path_factory):
-    """A copy of the sshpump package whose _pump is built with sanitizers."""
+    """A copy of the sshpump package whose _pump and patched libssh2 are built with sanitizers."""
     libasan = _libasan()
     if libasan is None:
         pytest.skip("gcc has no libasan here")
@@ -46,10 +47,23 @@ def asan_package(tmp_path_factory):
     built = [p for p in (build / "sshpump").glob("_pump*.so")]
     assert built, os.listdir(build)
     shutil.copy(built[0], root / "sshpump" / built[0].name)
+    sys.path.insert(0, os.path.join(REPO, "csrc"))
+    import build_libssh2
+
+    shutil.rmtree(root / "sshpump" / "_libssh2", ignore_errors=True)
+    build_libssh2.build(str(root / "sshpump" / "_libssh2"), cflags=SANITIZE + ["-UNDEBUG"], ldflags=SANITIZE)
     return root, libasan
 
 
-def test_pump_clean_under_asan(asan_package, sshd, targets):
+@pytest.fixture
+def rekeying_sshd(sshd):
+    """Rekeys every 16 MiB, so the 48 MiB transfers below cross rekeys."""
+    with extra_sshd(sshd, extra_config={"RekeyLimit": "16M"}) as s:
+        yield s
+
+
+def test_pump_clean_under_asan(asan_package, rekeying_sshd, targets):
+    sshd = rekeying_sshd
     root, libasan = asan_package
     env = clean_env({
         "PYTHONPATH": f"{root}{os.pathsep}{REPO}",
@@ -63,6 +77,10 @@ def test_pump_clean_under_asan(asan_package, sshd, targets):
                    workers=0, env=env, ready_timeout=60)
     try:
         a_echo, a_sink, a_source = p.listen
+        with open(f"/proc/{p.pid}/maps") as f:
+            mapped = {line.split()[-1] for line in f if "libssh2" in line}
+        # the sanitized patched libssh2, and only it
+        assert len(mapped) == 1 and os.path.dirname(next(iter(mapped))) == str(root / "sshpump" / "_libssh2"), mapped
         with connect(a_sink) as s:
             upload_and_verify(s, 48 << 20, "asan-up")
         with connect(a_source) as s:

@@ -9,6 +9,7 @@ and stream ``k`` (only "session per connection" has several addresses).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -21,6 +22,8 @@ import time
 
 from testbed._util import free_port, wait_listening
 
+from . import libssh2
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIPHER = "aes128-gcm@openssh.com"
 
@@ -29,9 +32,20 @@ class SkipContender(Exception):
     """The contender cannot run here; the message says why."""
 
 
-def _env():
+class ContenderFailed(Exception):
+    """One of our own forwarders could not start: the run must fail, not skip it."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"contender {name!r} {libssh2.one_line(reason, 600)}")
+
+
+def _env(extra: dict | None = None) -> dict:
+    """The children's environment.  Only the repository root goes on PYTHONPATH
+    (for the bench and testbed packages), never src/: sshpump must be the installed
+    package, as a user runs it (a non-editable install has no _pump in src/)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "src"), REPO, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    env.update(extra or {})
     return env
 
 
@@ -111,6 +125,7 @@ class Contender:
     desc = ""
     max_streams: int | None = None   # None: any concurrency; else the cap (skip above)
     single_address = True             # usable by pgbench (one host:port)
+    ours = False                      # ours must start: a failure fails the run instead of a skip
 
     def skip_reason(self) -> str | None:
         return None
@@ -131,20 +146,21 @@ class Direct(Contender):
 class _Popen:
     """Start one child; ``kind`` 'ready-fd' (sshpump) or 'stdout' (runner scripts)."""
 
-    def __init__(self, argv, logdir, tag, ready="stdout", timeout=30.0):
+    def __init__(self, argv, logdir, tag, ready="stdout", timeout=30.0, env=None):
+        env = env if env is not None else _env()
         self.log = os.path.join(logdir, f"{tag}.stderr")
         err = open(self.log, "ab")
         if ready == "ready-fd":
             r, w = os.pipe()
             argv = [a.replace("{FD}", str(w)) for a in argv]
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=err, pass_fds=(w,), env=_env(), cwd=REPO,
+                                         stderr=err, pass_fds=(w,), env=env, cwd=REPO,
                                          start_new_session=True)
             os.close(w)
             self.rfd = r
         else:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=err, env=_env(), cwd=REPO, start_new_session=True)
+                                         stderr=err, env=env, cwd=REPO, start_new_session=True)
             self.rfd = self.proc.stdout.fileno()
         err.close()
         self.ready_kind = ready
@@ -177,22 +193,31 @@ class _Popen:
 
 
 class Sshpump(Contender):
+    ours = True
+
     def __init__(self, workers: int, name: str, desc: str, sessions: int = 1):
         self.workers = workers
         self.name = name
         self.desc = desc
         self.sessions = sessions
+        self.extra_env = {}        # on top of _env(): SSHPUMP_LIBSSH2 for the stock row
+        self.expect_libssh2 = "patched"   # the build this row claims to measure (bench/libssh2.py checks)
         if sessions > 1:
             self.max_streams = sessions
             self.single_address = False
 
-    def skip_reason(self):
-        if importlib.util.find_spec("sshpump") is None and not os.path.isdir(os.path.join(REPO, "src", "sshpump")):
-            return "sshpump not importable"
-        return None
+    def on_stock_libssh2(self, name: str) -> Sshpump:
+        """This contender again, on ssh2-python's stock libssh2: the row that shows what the patch buys."""
+        c = copy.copy(self)
+        c.name = name
+        c.desc = f"{self.desc}; {libssh2.ENV}=stock: ssh2-python's stock libssh2, not sshpump's patched build"
+        c.extra_env = {**self.extra_env, libssh2.ENV: "stock"}
+        c.expect_libssh2 = "stock"
+        return c
 
     def argv(self, env, targets):
         s = env.sshd
+        # the installed package, run by this interpreter (the one that has it installed)
         a = [sys.executable, "-m", "sshpump", "--workers", str(self.workers), "--ready-fd", "{FD}",
              "--drain-timeout", "1", "-p", str(s.port), "-i", s.client_key,
              "-o", f"UserKnownHostsFile={s.known_hosts}", "-o", "IdentitiesOnly=yes",
@@ -203,10 +228,13 @@ class Sshpump(Contender):
 
     @contextlib.contextmanager
     def start(self, env, targets):
+        penv = _env(self.extra_env)
+        lib = libssh2.probe(penv, REPO, self.expect_libssh2)
         ps = []
         try:
             for k in range(self.sessions):
-                ps.append(_Popen(self.argv(env, targets), env.logdir, f"{self.name}-{k}", ready="ready-fd"))
+                ps.append(_Popen(self.argv(env, targets), env.logdir, f"{self.name}-{k}", ready="ready-fd",
+                                 env=penv))
                 if self.sessions > 1:
                     time.sleep(0.05)   # stagger logins (MaxStartups)
             addrs = []
@@ -214,7 +242,7 @@ class Sshpump(Contender):
                 info = p.wait_ready()
                 addrs.append([tuple(x["address"][:2]) for x in info["listen"]])
             yield Running(self.name, [p.proc for p in ps], addrs, [p.log for p in ps],
-                          {"cipher": CIPHER + " (forced with -o Ciphers)"})
+                          {"cipher": CIPHER + " (forced with -o Ciphers)", "libssh2": lib})
         finally:
             for p in ps:
                 _stop(p.proc, timeout=3)
@@ -223,11 +251,12 @@ class Sshpump(Contender):
 class Runner(Contender):
     """A bench/ runner script (pypump, asyncssh_fwd, sshtunnel_fwd)."""
 
-    def __init__(self, module, name, desc, needs=()):
+    def __init__(self, module, name, desc, needs=(), ours=False):
         self.module = module
         self.name = name
         self.desc = desc
         self.needs = needs
+        self.ours = ours
 
     def skip_reason(self):
         for m in self.needs:
@@ -295,15 +324,17 @@ def extra_contenders() -> list[Contender]:
 
 
 def all_contenders(spc_sessions: int = 16) -> list[Contender]:
+    w0 = Sshpump(0, "sshpump w0", "sshpump --workers 0: one process, one session, a channel per connection")
     return [
-        Sshpump(0, "sshpump w0", "sshpump --workers 0: one process, one session, a channel per connection"),
+        w0,
+        w0.on_stock_libssh2("sshpump (stock libssh2)"),
         Sshpump(2, "sshpump w2", "sshpump --workers 2: master + 2 worker processes, 2 sessions"),
         Sshpump(0, "sshpump spc", f"session per connection: {spc_sessions} separate `sshpump --workers 0` "
                 "tunnels (own process and session each); stream k uses tunnel k; "
                 f"skipped above {spc_sessions} concurrent streams and for pgbench (one address)",
                 sessions=spc_sessions),
         Runner("bench.pypump", "pypump", "pure-Python pump over ssh2-python (bench/pypump.py): "
-               "one session, epoll, 64 KiB reads, no C", needs=("ssh2",)),
+               "one session, epoll, 64 KiB reads, no C", needs=("ssh2",), ours=True),
         OpenSSH(),
         Runner("bench.asyncssh_fwd", "asyncssh", "asyncssh forward_local_port (default asyncio loop)",
                needs=("asyncssh",)),

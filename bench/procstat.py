@@ -38,3 +38,16 @@ def rss_bytes(pids) -> int:
         except OSError:
             continue
     return total
+
+
+def mapped_libssh2(pid) -> list[str]:
+    """Paths of the libssh2 files mapped into ``pid`` (which build a forwarder really runs).
+
+    sshpump's loader has its own reader for /proc/self/maps; the harness must not
+    import sshpump (that would map a libssh2 into the harness itself)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            paths = {line.rstrip("\n").split(None, 5)[-1] for line in f}
+    except OSError:
+        return []
+    return sorted(p for p in paths if "libssh2" in os.path.basename(p))

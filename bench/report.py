@@ -5,6 +5,8 @@ import json
 import os
 import statistics
 
+from . import libssh2
+
 REF_SSH = "ssh -L"
 REF_DIRECT = "direct"
 EXTRA_KEYS = ("cpu_s_per_gb", "p50_us", "p99_us", "p50_ms", "p99_ms", "open_per_s", "errors",
@@ -72,16 +74,23 @@ def markdown(result: dict) -> str:
          f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, kernel {m['kernel']}. "
          f"Cipher: {result['cipher']} for every tunnel. Repetitions: {result['repetitions']}. "
          f"Elapsed: {result.get('elapsed_s', 0):.0f} s.", "",
-         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), "",
-         result["method"], ""]
-    L += ["## Contenders", "", "| contender | status | notes |", "|---|---|---|"]
+         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), ""]
+    lib_line = libssh2.summary_line(result["contenders"])
+    if lib_line:
+        L += [lib_line, ""]
+    # a row that did not measure what its name says must be seen before its numbers
+    for w in result.get("warnings", []):
+        L += [f"**WARNING: {w}**", ""]
+    L += [result["method"], ""]
+    kinds = libssh2.kinds_by_path(result["contenders"])
+    L += ["## Contenders", "", "| contender | status | libssh2 | notes |", "|---|---|---|---|"]
     for n, c in result["contenders"].items():
         note = c.get("reason") or c.get("description", "")
         if c.get("cipher"):
             note += f" (cipher: {c['cipher']})"
         if c.get("died"):
             note += f" **died: {c['died'][:200]}**"
-        L.append(f"| {n} | {c['status']} | {note} |")
+        L.append(f"| {n} | {c['status']} | {libssh2.describe(c, kinds)} | {note} |")
 
     def table(title, fn, note=""):
         L.extend(["", f"## {title}", ""])

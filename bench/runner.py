@@ -15,7 +15,7 @@ import traceback
 import types
 
 from . import contenders as C
-from . import report, suite
+from . import libssh2, report, suite
 
 REPO = C.REPO
 
@@ -111,6 +111,16 @@ def _fmt(v, unit):
     return f"{v:,.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
 
 
+def _check_libssh2(name, ent, run, warnings, prog):
+    """Log which libssh2 the contender runs on; a mismatch is a warning even with -q."""
+    for w in libssh2.verify(name, ent, run.pids()):
+        warnings.append(w)
+        print(f"bench: WARNING: {w}", file=sys.stderr, flush=True)
+    lib = ent.get("libssh2")
+    if lib:
+        prog.log(f"    {name}: libssh2 {libssh2.describe(ent, {})}; sshpump from {os.path.dirname(lib['module'])}")
+
+
 def run_suite(mode: str = "quick", outdir: str | None = None, only: list[str] | None = None,
               workload_filter: list[str] | None = None, quiet: bool = False) -> str:
     """Run a suite; return the path of the results JSON."""
@@ -134,7 +144,7 @@ def run_suite(mode: str = "quick", outdir: str | None = None, only: list[str] | 
                         "the contenders run one after another (order reversed on odd repetitions); "
                         "ratios are taken pair by pair within a repetition, then summarised "
                         "(median, min-max).",
-              "contenders": {}, "workloads": {}, "logdir": logdir}
+              "contenders": {}, "workloads": {}, "warnings": [], "logdir": logdir}
     from testbed.sshd import Sshd
     with contextlib.ExitStack() as stack:
         prog = Progress(1, quiet)
@@ -167,13 +177,15 @@ def run_suite(mode: str = "quick", outdir: str | None = None, only: list[str] | 
             if reason is None:
                 prog.log(f"  starting {c.name}")
                 try:
-                    running[c.name] = stack.enter_context(c.start(env, targets))
-                    ent["status"] = "ok"
-                    ent.update(running[c.name].info)
-                    ent["processes"] = len(running[c.name].procs)
+                    run = running[c.name] = stack.enter_context(c.start(env, targets))
                 except Exception as e:
                     reason = f"failed to start: {e}"
+                else:
+                    ent.update(status="ok", processes=len(run.procs), **run.info)
+                    _check_libssh2(c.name, ent, run, result["warnings"], prog)
             if reason is not None:
+                if c.ours:   # a missing row of ours would pass for a clean run
+                    raise C.ContenderFailed(c.name, reason)
                 ent["status"] = "skipped"
                 ent["reason"] = reason
                 prog.log(f"  skip {c.name}: {reason}")

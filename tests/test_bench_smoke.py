@@ -52,3 +52,14 @@ def test_bench_smoke(tmp_path):
             elif not ent["reps"] or any(rep.get("value") is None for rep in ent["reps"]):
                 problems.append(f"{key}/{name}: not measured: {ent.get('errors')}")
     assert not problems, "\n".join(problems)
+
+    # every sshpump row says which libssh2 it ran on; one that is not the build its
+    # name claims carries a warning (stock is a fallback sshpump allows, not an error)
+    for name, c in res["contenders"].items():
+        lib = c.get("libssh2")
+        if not name.startswith("sshpump"):
+            continue
+        assert lib and lib["path"] and lib["kind"] in ("patched", "stock"), (name, c)
+        if lib["kind"] != lib["expected"]:
+            assert any(w.startswith(f"{name} runs on") for w in res["warnings"]), res["warnings"]
+    assert res["contenders"]["sshpump (stock libssh2)"]["libssh2"]["kind"] == "stock"

@@ -36,6 +36,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <malloc.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,6 +104,8 @@ struct pump {
     double last_rx;
     unsigned long long buffered, buffers;
     libssh2_cb_generic *orig_recv;  /* ssh2-python's recv, restored on free */
+    int in_run;                     /* inside pump_run() */
+    int rx_dry;                     /* this round's recv found the socket empty */
 };
 
 /* libssh2 calls our recv so that the pump knows when the server last spoke
@@ -121,10 +124,25 @@ static ssize_t counting_recv(libssh2_socket_t fd, void *buf, size_t len,
                              int flags, void **abstract)
 {
     static const int one = 1;
-    ssize_t r = recv(fd, buf, len, flags);
+    struct pump *p = fd >= 0 && fd < FD_TABLE ? pump_by_fd[fd] : NULL;
+    ssize_t r;
     (void)abstract;
-    if (r < 0)
+    /* libssh2 reads the socket until EAGAIN inside every channel_read and
+       before every channel_write, so a round over many reads and writes made
+       one failing recv() per call: 2 per packet sent under bulk upload, 1 per
+       32 KiB read under download. Once a round has seen the socket empty,
+       answer EAGAIN without the syscall until the next round; what arrives
+       meanwhile keeps the (level-triggered) SSH socket readable, so the
+       event loop calls pump_run() again. Outside pump_run() (opens and
+       keepalives from Python) every recv is real. */
+    if (p && p->rx_dry)
+        return -EAGAIN;
+    r = recv(fd, buf, len, flags);
+    if (r < 0) {
+        if (p && p->in_run && (errno == EAGAIN || errno == EWOULDBLOCK))
+            p->rx_dry = 1;
         return -errno;  /* libssh2 expects -errno, like its own _libssh2_recv */
+    }
     /* sshd leaves Nagle on for sessions without a tty, so a small packet
        (an open confirmation, a short reply) waits for our ACK of the
        previous one; with delayed ACKs that is up to 40 ms per exchange,
@@ -133,9 +151,9 @@ static ssize_t counting_recv(libssh2_socket_t fd, void *buf, size_t len,
        after every read. */
     if (r > 0)
         setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
-    if (r > 0 && fd >= 0 && fd < FD_TABLE && pump_by_fd[fd]) {
-        pump_by_fd[fd]->rx_bytes += (unsigned long long)r;
-        pump_by_fd[fd]->last_rx = now_mono();
+    if (r > 0 && p) {
+        p->rx_bytes += (unsigned long long)r;
+        p->last_rx = now_mono();
     }
     return r;
 }
@@ -156,11 +174,32 @@ static void set_ssh_interest(struct pump *p)
     }
 }
 
+/* libssh2 mallocs and frees a buffer of ~32 KiB for every packet it
+   receives, and our per-connection buffers come and go with the traffic. With
+   glibc's defaults the heap top is trimmed back to the kernel whenever such
+   frees leave 128 KiB free there, and the next packets fault the pages in
+   again: under bulk download that was ~8 % of a worker's profile (page
+   faults and clear_page). Keep freed memory for reuse instead; heap buffers
+   up to 4 MiB (our largest pump buffer is bounded by --window's effect on
+   reads, far below). Process-wide, set once. */
+static void tune_malloc_once(void)
+{
+    static int done;
+    if (done)
+        return;
+    done = 1;
+    mallopt(M_MMAP_THRESHOLD, 4 << 20);
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
+}
+
 struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
                       unsigned long window)
 {
-    struct pump *p = calloc(1, sizeof(*p));
+    struct pump *p;
     struct epoll_event ev;
+
+    tune_malloc_once();
+    p = calloc(1, sizeof(*p));
 
     if (!p)
         return NULL;
@@ -208,6 +247,8 @@ static void conn_release_buffers(struct pump *p, struct conn *c)
     c->uoff = c->ulen = c->doff = c->dlen = 0;
 }
 
+static void client_reset(struct pump *p, struct conn *c);
+
 void pump_free(struct pump *p)
 {
     int i;
@@ -217,8 +258,7 @@ void pump_free(struct pump *p)
         struct conn *c = p->conns[i];
         if (!c)
             continue;
-        if (c->fd >= 0)
-            close(c->fd);
+        client_reset(p, c);  /* still open when the pump goes: cut */
         conn_release_buffers(p, c);
         free(c);
     }
@@ -320,12 +360,29 @@ static void push_event(struct pump *p, int kind, struct conn *c, int err)
     }
 }
 
+/* A connection the pump had to cut must look cut to the client: close with
+   SO_LINGER 0, which sends a TCP reset (a unix socket peer sees
+   ECONNRESET), never a FIN that a client could take for a complete
+   response. At once: the channel's close goes on without the client. */
+static void client_reset(struct pump *p, struct conn *c)
+{
+    static const struct linger rst = {.l_onoff = 1, .l_linger = 0};
+    if (c->fd < 0)
+        return;
+    epoll_ctl(p->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &rst, sizeof(rst));
+    close(c->fd);
+    c->fd = -1;
+}
+
 /* The connection is over: close the client, report, recycle the id. */
 static void conn_finish(struct pump *p, struct conn *c)
 {
-    epoll_ctl(p->epfd, EPOLL_CTL_DEL, c->fd, NULL);
-    close(c->fd);
-    c->fd = -1;
+    if (c->fd >= 0) {
+        epoll_ctl(p->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+    }
     conn_release_buffers(p, c);
     push_event(p, PUMP_EV_DONE, c, c->err);
     p->conns[c->id] = NULL;
@@ -366,8 +423,7 @@ static void conn_abort(struct pump *p, struct conn *c, int reason, int err)
         c->ubuf = NULL;
         c->uoff = c->ulen = 0;
     }
-    /* A reset client gets RST semantics; nothing more will be sent to it. */
-    shutdown(c->fd, SHUT_RDWR);
+    client_reset(p, c);
 }
 
 static int can_send_small(struct pump *p)
@@ -770,9 +826,11 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
     }
 
     p->out_blocked = 0;
+    p->in_run = 1;
     for (round = 0; round < MAX_ROUNDS && !p->dead; round++) {
         int progress = 0;
         int full;
+        p->rx_dry = 0;  /* each round looks at the socket again */
         drain_transport(p);
         /* Channel data, EOF and window adjusts only come in through the SSH
            socket, and libssh2 cannot say for which channels: when the server
@@ -797,6 +855,8 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
         /* More work is ready: make sure the loop calls us again soon. */
         p->out_blocked = 1;
     }
+    p->in_run = 0;
+    p->rx_dry = 0;
 
     if (p->dead) {
         for (i = 0; i < p->cap; i++) {
@@ -806,6 +866,7 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
             if (!c->closing) {
                 c->reason = PUMP_END_ABORTED;
                 c->err = p->dead;
+                client_reset(p, c);
             }
             conn_finish(p, c);
         }

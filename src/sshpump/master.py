@@ -22,6 +22,7 @@ import time
 from collections import deque
 
 from . import fdpass
+from .cut import reset_close
 from .errors import ConnectError, ForwardError, SshpumpError
 from .listeners import close_listener, listener_address, open_listeners
 from .options import Options
@@ -305,7 +306,7 @@ class Master:
                 return True
         if len(self.waiting) >= WORKER_QUEUE_MAX:
             log.warning("closing client %s: %d clients already waiting for a worker", peer, WORKER_QUEUE_MAX)
-            sock.close()
+            reset_close(sock)
             return False
         self.waiting.append((sock, idx, peer, since))
         return False
@@ -326,7 +327,7 @@ class Master:
         while self.waiting and self.waiting[0][3] < limit:
             sock, _, peer, _ = self.waiting.popleft()
             log.warning("closing client %s: no live SSH session for %.0fs", peer, self.opts.client_wait)
-            sock.close()
+            reset_close(sock)
 
     # ---- stop --------------------------------------------------------------
 
@@ -357,7 +358,7 @@ class Master:
             self._timer.cancel()
         self._close_listeners()
         while self.waiting:
-            self.waiting.popleft()[0].close()
+            reset_close(self.waiting.popleft()[0])
         await self._stop_workers(grace)
 
 

@@ -41,7 +41,7 @@ class Options:
     ciphers: str = DEFAULT_CIPHERS
     workers: int = 0
     window: int = 0
-    bufsize: int = 65536
+    bufsize: int = 131072
     client_wait: float = 10.0     # how long a client waits for a live session
     drain_timeout: float = 10.0   # grace period on SIGTERM/SIGINT
     reconnect_max: float = 30.0   # cap of the reconnect backoff

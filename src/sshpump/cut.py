@@ -1,0 +1,24 @@
+"""Closing a client connection that sshpump had to cut.
+
+A cut must look cut: closed with SO_LINGER 0, a TCP client sees a reset
+(ECONNRESET), not the FIN of a normal end, so it cannot mistake a truncated
+response for a complete one. The C pump does the same for the connections it
+carries (pump.c client_reset); this is for clients still queued in Python
+(no worker, failed channel open, shutdown)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close sock so that its peer sees a reset."""
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()

@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 
+from . import envsecrets
+from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import AuthError, SshpumpError, UsageError
 from .procsetup import raise_fd_limit, setup_logging
 from .master import Master, default_workers
@@ -18,9 +20,6 @@ from .options import STRICT_VALUES, Options
 from .spec import parse_local_forward
 
 log = logging.getLogger("sshpump")
-
-PASSWORD_ENV = "SSHPUMP_PASSWORD"
-PASSPHRASE_ENV = "SSHPUMP_PASSPHRASE"
 
 USAGE = """sshpump [-gv] [-L spec]... [-p port] [-l login] [-i identity_file]
                [-o option=value]... [--workers N] [--ready-fd FD] [user@]host"""
@@ -186,8 +185,6 @@ def parse_args(argv) -> tuple[Options, argparse.Namespace, bool]:
     opts.drain_timeout = ns.drain_timeout
     opts.client_wait = ns.client_wait
     opts.window = ns.window
-    opts.password = os.environ.get(PASSWORD_ENV)
-    opts.passphrase = os.environ.get(PASSPHRASE_ENV)
     interactive = sys.stdin.isatty() and not (batch and batch[-1])
     return opts, ns, interactive
 
@@ -240,12 +237,17 @@ async def _run(opts: Options, ns) -> int:
 
 
 def main(argv=None) -> int:
+    # Secrets leave the environment first: workers must not inherit them,
+    # nor may /proc/PID/environ show them.
+    password = envsecrets.take(PASSWORD_ENV)
+    passphrase = envsecrets.take(PASSPHRASE_ENV)
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts, ns, interactive = parse_args(argv)
     except UsageError as e:
         print(f"sshpump: {e}", file=sys.stderr)
         return e.exit_code
+    opts.password, opts.passphrase = password, passphrase
     setup_logging(opts.verbose)
     raise_fd_limit()
     if interactive and opts.passphrase is None:

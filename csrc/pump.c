@@ -54,6 +54,7 @@
 #define MAX_ROUNDS 64         /* bound on work per pump_run() call */
 #define MAX_WRITE 32700       /* libssh2 sends at most this per call */
 #define MIN_ADJUST 1024       /* LIBSSH2_CHANNEL_MINADJUST */
+#define PACKETS_PER_ROUND 4   /* channel writes per connection per round */
 
 enum { UP_OPEN, UP_DRAIN, UP_DONE };
 enum { DOWN_OPEN, DOWN_DRAIN, DOWN_DONE };
@@ -93,6 +94,8 @@ struct pump {
     struct pump_event *evq;   /* events not yet returned */
     int nev, evcap;
     int out_blocked;          /* some send returned EAGAIN this run */
+    int owed;                 /* connections owing the server a window adjust */
+    unsigned rr;              /* where the next round starts (round robin) */
     int want_in;              /* Python waits for a reply (channel open) */
     LIBSSH2_CHANNEL *control; /* an idle session channel that lets us read the
                                  socket while no connection is open */
@@ -107,6 +110,21 @@ struct pump {
     int in_run;                     /* inside pump_run() */
     int rx_dry;                     /* this round's recv found the socket empty */
 };
+
+/* The one setter of a connection's owed window adjust (rpending: half-sent
+   inside channel_read; wadj: our own, with its amount). p->owed counts the
+   connections owing one: while any does, no connection starts a new channel
+   write (step_up), so a download's adjusts are not starved by an upload
+   that keeps the session's single send buffer full (a starved adjust closes
+   the download's window: one direction then crawls while the other runs). */
+static void set_owed(struct pump *p, struct conn *c, int rpending,
+                     unsigned long wadj)
+{
+    int before = c->rpending || c->wadj;
+    c->rpending = rpending;
+    c->wadj = wadj;
+    p->owed += (rpending || wadj) - before;
+}
 
 /* libssh2 calls our recv so that the pump knows when the server last spoke
    (keepalive replies included) without Python touching the socket. */
@@ -327,7 +345,7 @@ int pump_add(struct pump *p, int fd, void *channel)
         unsigned long initial = 0;
         libssh2_channel_window_read_ex(c->ch, NULL, &initial);
         if (p->window > initial)
-            c->wadj = p->window - initial;
+            set_owed(p, c, 0, p->window - initial);
     }
     p->conns[id] = c;
     p->live++;
@@ -384,6 +402,7 @@ static void conn_finish(struct pump *p, struct conn *c)
         c->fd = -1;
     }
     conn_release_buffers(p, c);
+    set_owed(p, c, 0, 0);
     push_event(p, PUMP_EV_DONE, c, c->err);
     p->conns[c->id] = NULL;
     p->free_ids[p->nfree++] = c->id;
@@ -462,10 +481,8 @@ static int finish_adjust(struct pump *p, struct conn *c)
             amount = MIN_ADJUST;
     }
     r = libssh2_channel_receive_window_adjust2(c->ch, amount, 1, NULL);
-    if (r != LIBSSH2_ERROR_EAGAIN) {
-        c->rpending = 0;
-        c->wadj = 0;
-    }
+    if (r != LIBSSH2_ERROR_EAGAIN)
+        set_owed(p, c, 0, 0);
     return r;
 }
 
@@ -531,6 +548,7 @@ static int ensure_buf(struct pump *p, char **buf)
 static int step_up(struct pump *p, struct conn *c)
 {
     int moved = 0;
+    int packets;
 
     /* Read the client while the buffer has room. */
     while (c->up == UP_OPEN && c->rd_ready) {
@@ -562,10 +580,18 @@ static int step_up(struct pump *p, struct conn *c)
         }
     }
 
-    /* Feed the channel. libssh2 takes one packet per call. */
-    while (c->ulen > c->uoff && !p->dead) {
+    /* Feed the channel. libssh2 takes one packet per call; a few per round,
+       so that every connection of the session gets its turn at the single
+       send buffer (the rounds go round robin). */
+    for (packets = 0; c->ulen > c->uoff && !p->dead; packets++) {
         size_t len;
         ssize_t w;
+        if (!c->wpending && p->owed > 0)
+            break;  /* an adjust goes first; its sender makes the progress */
+        if (!c->wpending && packets == PACKETS_PER_ROUND) {
+            moved = 1;  /* more to send: come back next round */
+            break;
+        }
         if (!c->wpending && libssh2_channel_window_write_ex(c->ch, NULL) == 0)
             break;  /* remote window closed: a WINDOW_ADJUST will reopen it */
         len = c->wpending ? c->wlen : c->ulen - c->uoff;
@@ -697,19 +723,19 @@ static int step_down(struct pump *p, struct conn *c)
             if (r > 0) {
                 c->dlen += (size_t)r;
                 p->buffered += (size_t)r;
-                c->rpending = 0;
+                set_owed(p, c, 0, 0);
                 moved = 1;
                 continue;  /* try to deliver it at once */
             }
             if (r == LIBSSH2_ERROR_EAGAIN) {
                 /* Data is there but the window adjust that precedes the
                    read could not be sent. */
-                c->rpending = 1;
+                set_owed(p, c, 1, 0);
                 p->out_blocked = 1;
                 break;
             }
             if (r == 0) {
-                c->rpending = 0;
+                set_owed(p, c, 0, 0);
                 if (libssh2_channel_eof(c->ch) == 1) {
                     c->down = DOWN_DRAIN;
                     moved = 1;
@@ -804,7 +830,7 @@ static int conn_busy(const struct conn *c)
 int pump_run(struct pump *p, struct pump_event *out, int max)
 {
     struct epoll_event evs[256];
-    int n, i, round, filled, moved;
+    int n, i, k, start, round, filled, moved;
 
     n = epoll_wait(p->epfd, evs, 256, 0);
     for (i = 0; i < n; i++) {
@@ -839,8 +865,13 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
            connections then cost nothing on client-side wakeups. */
         full = p->rx_bytes != p->rx_scanned;
         p->rx_scanned = p->rx_bytes;
-        for (i = 0; i < p->cap && !p->dead; i++) {
-            struct conn *c = p->conns[i];
+        /* Each round starts one connection further: none is always first
+           at the session's send buffer. */
+        start = p->cap ? (int)(p->rr++ % (unsigned)p->cap) : 0;
+        for (k = 0; k < p->cap && !p->dead; k++) {
+            struct conn *c;
+            i = (start + k) % p->cap;
+            c = p->conns[i];
             if (!c || (!full && !c->hot))
                 continue;
             moved = conn_step(p, c);

@@ -1,4 +1,4 @@
-"""Closing a client connection that sshpump had to cut.
+"""Closing a client connection that sshpump had to cut, and noticing one that is gone.
 
 A cut must look cut: closed with SO_LINGER 0, a TCP client sees a reset
 (ECONNRESET), not the FIN of a normal end, so it cannot mistake a truncated
@@ -22,3 +22,16 @@ def reset_close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """True when the client reset its connection (or it failed) while it
+    waited. A FIN alone is not gone: a client may send its request and
+    half-close before the channel opens, and still want the answer."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return False

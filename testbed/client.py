@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from typing import Union
 
 from .data import DEFAULT_CHUNK, pattern_chunks, pattern_digest
@@ -131,22 +132,32 @@ def upload_and_verify(sock, nbytes: int, seed: str, *, chunk: int = DEFAULT_CHUN
     return nbytes
 
 
-def download_and_verify(sock, nbytes: int, seed: str, *, chunk: int = DEFAULT_CHUNK) -> int:
+def download_and_verify(sock, nbytes: int, seed: str, *, chunk: int = DEFAULT_CHUNK,
+                        rate: float | None = None, progress=None) -> int:
     """Ask a source server for ``nbytes`` of pattern ``seed``, read until EOF,
     check byte count and sha256, then half-close our side.  Returns nbytes.
     (The source server always generates with the default 1 MiB chunking;
-    ``chunk`` only affects how the expected digest is computed.)"""
+    ``chunk`` only affects how the expected digest is computed.)
+    ``rate``: read at most that many bytes per second (a slow reader keeps the
+    transfer in flight); ``progress(got)`` is called after every read."""
     sock.sendall(f"{nbytes} {seed}\n".encode())
     h = hashlib.sha256()
     buf = bytearray(BUFSIZE)
     view = memoryview(buf)
     got = 0
+    t0 = time.monotonic()
     while True:
         r = sock.recv_into(view, BUFSIZE)
         if r == 0:
             break
         h.update(view[:r])
         got += r
+        if progress is not None:
+            progress(got)
+        if rate:
+            ahead = got / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:

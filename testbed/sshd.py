@@ -19,7 +19,8 @@ import subprocess
 import tempfile
 import time
 
-from ._util import Service, children_of, free_port, ipv6_loopback_available, kill_pids, read_from
+from ._util import (Service, children_of, free_port, ipv6_loopback_available, kill_pids, read_from,
+                    socket_inodes, tcp_ports_by_inode)
 
 SSHD = "/usr/sbin/sshd"
 SSH = "/usr/bin/ssh"
@@ -108,7 +109,7 @@ class Sshd(Service):
     ciphers.
 
     Methods: start(), stop(kill_sessions=True), restart(), kill_sessions(),
-    log() (text of the sshd log), ssh_command(*args, options=(), key=None),
+    session_pids(client_pid), log() (text of the sshd log), ssh_command(*args, options=(), key=None),
     known_hosts_for(port, hosts=..., wrong=False) -> path.
     """
 
@@ -299,6 +300,20 @@ class Sshd(Service):
         Clients see their TCP connection reset/closed without an SSH disconnect."""
         if self.proc is not None:
             kill_pids(children_of(self.proc.pid))
+
+    def session_pids(self, client_pid: int) -> list[int]:
+        """The per-connection sshd processes (privileged monitor and session
+        child) serving the SSH connections that process ``client_pid`` made to
+        this server: those holding the server end of a TCP connection whose
+        client port is one of that process's sockets.  SIGSTOP them to hang
+        one session while the listener and every other session keep going."""
+        ports = tcp_ports_by_inode()
+        client_ports = {ports[i][0] for i in socket_inodes(client_pid)
+                        if i in ports and ports[i][1] == self.port}
+        server_ends = {i for i, (local, remote) in ports.items()
+                       if local == self.port and remote in client_ports}
+        kids = children_of(self.proc.pid) if self.proc is not None else []
+        return sorted(k for k in kids if socket_inodes(k) & server_ends)
 
     def _kill_proc(self, sig=signal.SIGTERM):
         if self.proc is None:

@@ -80,7 +80,7 @@ class Pump:
     stop(sig, timeout) -> returncode, close().
     """
 
-    def __init__(self, argv, env=None, ready_timeout=30.0):
+    def __init__(self, argv, env=None, ready_timeout=30.0, new_session=False):
         self.argv = argv
         fd, self.stderr_path = tempfile.mkstemp(prefix="sshpump-stderr-", suffix=".log")
         self._stderr_file = os.fdopen(fd, "wb")
@@ -91,7 +91,7 @@ class Pump:
             self.proc = subprocess.Popen(
                 [PY, "-m", "sshpump", "--ready-fd", str(w), *argv],
                 pass_fds=[w], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=self._stderr_file, env=env)
+                stderr=self._stderr_file, env=env, start_new_session=new_session)
         except BaseException:
             os.close(r)
             os.close(w)
@@ -233,11 +233,15 @@ def fd_count(pid) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def start_pump(sshd, *specs, workers=0, verbose=1, extra=(), env=None, ready_timeout=30.0, **kw):
-    """Start sshpump against ``sshd`` forwarding ``specs``; return a Pump."""
+def start_pump(sshd, *specs, workers=0, verbose=1, extra=(), env=None, ready_timeout=30.0,
+               new_session=False, **kw):
+    """Start sshpump against ``sshd`` forwarding ``specs``; return a Pump.
+    ``new_session``: in its own session and process group (pgid == pid), so
+    that a test can signal the whole group as systemd or a terminal does."""
     args, dest = base_args(sshd, **kw)
     argv = ["-v"] * verbose + ["--workers", str(workers), *args, *extra, *_spec_args(specs), dest]
-    return Pump(argv, env=clean_env() if env is None else env, ready_timeout=ready_timeout)
+    return Pump(argv, env=clean_env() if env is None else env, ready_timeout=ready_timeout,
+                new_session=new_session)
 
 
 def run_cli(argv, env=None, timeout=30.0):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 import logging
 import os
-import signal
 import sys
 
 from . import envsecrets
@@ -215,10 +213,10 @@ def _key_is_encrypted(path: str) -> bool:
 
 async def _run(opts: Options, ns) -> int:
     master = Master(opts)
-    await master.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.request_stop)
+    master.handle_signals()  # before start: a signal during start-up still closes the listeners
+    if not await master.start():
+        log.info("stopped before ready")
+        return 0
     addrs = master.addresses()
     for spec, addr in addrs:
         log.info("listening on %s for -L %s", addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}", spec)

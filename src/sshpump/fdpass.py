@@ -3,7 +3,9 @@
 One message is one datagram, so framing is free. Kinds:
   master -> worker: CONFIG (pickled Options, sent once), CLIENT (forward
   index + peer, with the client fd attached), DRAIN (grace seconds).
-  worker -> master: JSON status: up, down, fatal, done.
+  worker -> master: JSON status: up, down, fatal, done (n connections
+  ended), opens (how long its oldest queued open has waited, the median of
+  its recent opens), draining (it got SIGTERM/SIGINT itself).
 """
 
 from __future__ import annotations

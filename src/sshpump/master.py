@@ -2,10 +2,12 @@
 
 With ``workers == 0`` one in-process Worker carries everything (small uses,
 the library API). With ``workers >= 1`` each worker is a process with its own
-SSH session; accepted fds go to it over SCM_RIGHTS and the master closes its
-copy at once. Dispatch picks the live worker with the fewest open
-connections. Workers that die are respawned; a worker that cannot boot
-(authentication, host key) halts the master instead of looping.
+SSH session (pool.py); accepted fds go to it over SCM_RIGHTS and the master
+closes its copy at once. Dispatch (dispatch.py) picks the live worker with the fewest
+open connections whose channel opens are not stalled. Workers that die are
+respawned; a worker that cannot boot (authentication, host key) halts the
+master instead of looping. SIGTERM/SIGINT drain and stop, SIGHUP is logged;
+on every way out the listeners are closed (unix socket files removed).
 """
 
 from __future__ import annotations
@@ -16,161 +18,18 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import deque
 
-from . import fdpass
-from .cut import reset_close
+from .dispatch import Dispatcher
 from .errors import ConnectError, ForwardError, SshpumpError
 from .listeners import close_listener, listener_address, open_listeners
 from .options import Options
-from .worker import Worker
+from .pool import LocalWorker, WorkerProcess
 
 log = logging.getLogger("sshpump")
 
 ACCEPT_BATCH = 256
-WORKER_QUEUE_MAX = 4096   # clients held by the master while no worker can take them
-
-
-class LocalWorker:
-    """A Worker in this process, behind the same interface as WorkerProcess."""
-
-    def __init__(self, opts: Options, index: int):
-        self.index = index
-        self.worker = Worker(opts, name="sshpump", on_finished=self._finished)
-        self.load = 0
-
-    @property
-    def up(self):
-        return self.worker.up
-
-    def _finished(self, n):
-        self.load -= n
-
-    async def start(self):
-        await self.worker.start()  # raises on failure: fail fast like ssh
-
-    def submit(self, sock, fwd_index, peer, opts) -> bool:
-        self.load += 1
-        self.worker.submit(sock, opts.forwards[fwd_index], peer)
-        return True
-
-    async def stop(self, grace):
-        await self.worker.drain(grace)
-        self.worker.close()
-
-
-class WorkerProcess:
-    """A worker process and its control socket."""
-
-    def __init__(self, master: "Master", index: int):
-        self.master = master
-        self.index = index
-        self.load = 0
-        self.up = False
-        self.proc = None
-        self.ctrl = None
-        self.started_at = 0.0
-        self.first_status = None
-        self.stopping = False
-
-    def spawn(self):
-        loop = asyncio.get_running_loop()
-        parent, child = fdpass.pair()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sshpump.workerproc", str(child.fileno())],
-            pass_fds=[child.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        child.close()
-        fdpass.send_config(parent, {"opts": self.master.opts, "index": self.index})
-        parent.setblocking(False)
-        self.ctrl = parent
-        self.load = 0
-        self.up = False
-        self.started_at = time.monotonic()
-        self.first_status = loop.create_future()
-        loop.add_reader(parent.fileno(), self._on_ctrl)
-
-    def _on_ctrl(self):
-        while True:
-            try:
-                msg = fdpass.recv_status(self.ctrl)
-            except BlockingIOError:
-                return
-            except OSError:
-                msg = None
-            if msg is None:
-                self._gone()
-                return
-            kind = msg.get("t")
-            if kind == "done":
-                self.load -= msg["n"]
-            elif kind == "up":
-                self.up = True
-                log.info("worker %d (pid %d): session up", self.index, self.proc.pid)
-                self.master.flush_waiting()
-            elif kind == "down":
-                self.up = False
-                log.warning("worker %d (pid %d): session down: %s", self.index, self.proc.pid, msg.get("reason"))
-            elif kind == "fatal":
-                self.up = False
-                log.error("worker %d (pid %d): %s", self.index, self.proc.pid, msg.get("msg"))
-            if self.first_status is not None and not self.first_status.done() and kind in ("up", "down", "fatal"):
-                self.first_status.set_result(msg)
-
-    def _gone(self):
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.ctrl.fileno())
-        self.ctrl.close()
-        self.ctrl = None
-        self.up = False
-        try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        if self.first_status is not None and not self.first_status.done():
-            self.first_status.set_result({"t": "fatal", "code": 7, "msg": f"worker exited with code {code} at boot"})
-        if self.stopping:
-            return
-        if code < 0:
-            sig = signal.Signals(-code).name
-            hint = " (perhaps out of memory)" if -code == signal.SIGKILL else ""
-            log.warning("worker %d (pid %d) killed by %s%s; its clients were closed", self.index, self.proc.pid, sig, hint)
-        else:
-            log.warning("worker %d (pid %d) exited with code %d; its clients were closed", self.index, self.proc.pid, code)
-        self.master.respawn(self)
-
-    def submit(self, sock, fwd_index, peer, opts) -> bool:
-        if self.ctrl is None:
-            return False
-        try:
-            fdpass.send_client(self.ctrl, sock.fileno(), fwd_index, peer)
-        except (BlockingIOError, InterruptedError):
-            return False  # its queue is full: try another worker
-        except OSError:
-            return False
-        sock.close()  # the worker has its own copy now
-        self.load += 1
-        return True
-
-    async def stop(self, grace):
-        self.stopping = True
-        if self.ctrl is not None:
-            try:
-                fdpass.send_drain(self.ctrl, grace)
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace + 3
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.proc.poll() is None:
-            log.warning("worker %d (pid %d) did not stop in time: killing it", self.index, self.proc.pid)
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Master:
@@ -178,7 +37,7 @@ class Master:
         self.opts = opts
         self.listeners: list[tuple[socket.socket, int]] = []   # (socket, forward index)
         self.workers = []
-        self.waiting: deque = deque()   # (sock, fwd_index, peer, since)
+        self.dispatcher = Dispatcher(self.workers, opts)
         self._accept_paused = False
         self._emfile_logged = False
         self._stopping = False
@@ -192,22 +51,45 @@ class Master:
         """[(spec, address)] of every listening socket (port 0 resolved)."""
         return [(self.opts.forwards[i].spec, listener_address(s)) for s, i in self.listeners]
 
-    async def start(self):
+    async def start(self) -> bool:
+        """Open the listeners and start the workers (raises on failure).
+        False when a stop was requested meanwhile: all is closed again."""
         self.loop = asyncio.get_running_loop()
         self._open_listeners()
         try:
-            if self.opts.workers == 0:
-                w = LocalWorker(self.opts, 0)
-                self.workers.append(w)
-                await w.start()
-            else:
-                await self._start_processes()
+            started = await self._unless_stopped(self._start_workers())
         except BaseException:
             self._close_listeners()
             raise
+        if not started:
+            await self.stop(0)
+            return False
         for sock, idx in self.listeners:
             self.loop.add_reader(sock.fileno(), self._accept, sock, idx)
         self._timer = self.loop.call_later(0.5, self._tick)
+        return True
+
+    async def _unless_stopped(self, coro) -> bool:
+        """Run coro to its end unless a stop is requested first (a signal
+        while the workers log in): then cancel it and return False."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+
+    async def _start_workers(self):
+        if self.opts.workers == 0:
+            w = LocalWorker(self.opts, 0)
+            self.workers.append(w)
+            await w.start()
+        else:
+            await self._start_processes()
 
     def _open_listeners(self):
         for idx, fwd in enumerate(self.opts.forwards):
@@ -244,7 +126,7 @@ class Master:
         raise err
 
     def respawn(self, w: WorkerProcess):
-        if self._stopping:
+        if self.stopping:
             return
         now = time.monotonic()
         self._respawns.append(now)
@@ -275,7 +157,8 @@ class Master:
                 raise
             if not isinstance(peer, tuple) or not peer:
                 peer = ("127.0.0.1", 0)
-            self._dispatch(sock, idx, peer[:2], time.monotonic())
+            now = time.monotonic()
+            self.dispatcher.dispatch(sock, idx, peer[:2], now, now)
 
     def _pause_accepting(self, e):
         """Out of fds: stop accepting for a moment instead of spinning."""
@@ -294,50 +177,54 @@ class Master:
         for sock, idx in self.listeners:
             self.loop.add_reader(sock.fileno(), self._accept, sock, idx)
 
-    def _pick(self):
-        live = [w for w in self.workers if w.up]
-        if not live:
-            return []
-        return sorted(live, key=lambda w: w.load)
-
-    def _dispatch(self, sock, idx, peer, since) -> bool:
-        for w in self._pick():
-            if w.submit(sock, idx, peer, self.opts):
-                return True
-        if len(self.waiting) >= WORKER_QUEUE_MAX:
-            log.warning("closing client %s: %d clients already waiting for a worker", peer, WORKER_QUEUE_MAX)
-            reset_close(sock)
-            return False
-        self.waiting.append((sock, idx, peer, since))
-        return False
-
     def flush_waiting(self):
-        n = len(self.waiting)
-        for _ in range(n):
-            sock, idx, peer, since = self.waiting.popleft()
-            if not self._dispatch(sock, idx, peer, since):
-                break
+        self.dispatcher.flush(time.monotonic())
 
     def _tick(self):
         self._timer = self.loop.call_later(0.5, self._tick)
         self._emfile_logged = False if not self._accept_paused else self._emfile_logged
-        if self.waiting:
-            self.flush_waiting()
-        limit = time.monotonic() - self.opts.client_wait
-        while self.waiting and self.waiting[0][3] < limit:
-            sock, _, peer, _ = self.waiting.popleft()
-            log.warning("closing client %s: no live SSH session for %.0fs", peer, self.opts.client_wait)
-            reset_close(sock)
+        self.dispatcher.tick(time.monotonic())
 
     # ---- stop --------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping or self._stop_requested.is_set()
 
     def request_stop(self):
         if not self._stopping:
             self._stop_requested.set()
 
+    def handle_signals(self):
+        """SIGTERM/SIGINT: drain and stop; SIGHUP: logged, nothing else.
+        Main thread only; call before start() so that a signal during start-up
+        still closes the listeners."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, sig):
+        # The workers drain on the same signal when the whole process group
+        # got it, and on the master's DRAIN otherwise; a repeated signal
+        # changes nothing (the drain is bounded by --drain-timeout).
+        if self.stopping:
+            log.info("%s: already stopping", sig.name)
+            return
+        log.info("%s: draining (up to %gs)", sig.name, self.opts.drain_timeout)
+        self.request_stop()
+
+    def _on_hup(self):
+        # A daemon without a configuration file has nothing to reload; a
+        # closed terminal or a stray `kill -HUP` must not stop the tunnels.
+        log.warning("SIGHUP: nothing to reload (no configuration file); still running")
+
     async def serve(self):
-        await self._stop_requested.wait()
-        await self.stop(self.opts.drain_timeout)
+        try:
+            await self._stop_requested.wait()
+            await self.stop(self.opts.drain_timeout)
+        finally:
+            self._close_listeners()  # on any way out: no unix socket file stays behind
 
     def _close_listeners(self):
         for sock, _ in self.listeners:
@@ -357,8 +244,7 @@ class Master:
         if self._timer:
             self._timer.cancel()
         self._close_listeners()
-        while self.waiting:
-            reset_close(self.waiting.popleft()[0])
+        self.dispatcher.close()
         await self._stop_workers(grace)
 
 

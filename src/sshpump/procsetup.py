@@ -2,7 +2,15 @@
 
 import logging
 import os
+import signal
 import sys
+
+# Signals sshpump handles (drain, or log and go on). Workers are born with
+# them blocked and unblock them once their handlers are in place: a signal to
+# the whole process group while a worker is still importing (a good part of a
+# second) then waits for the handler instead of killing the worker, or of
+# printing a KeyboardInterrupt traceback.
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def setup_logging(verbose: int, prefix: str | None = None) -> None:

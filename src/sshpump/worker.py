@@ -62,14 +62,17 @@ class Worker:
     """Carries client connections over one SSH session, reconnecting as needed.
 
     ``on_state(up: bool, reason: str)`` is called when the session comes up or
-    goes down; ``on_finished(n)`` when connections end (for load accounting).
+    goes down; ``on_finished(n)`` when connections end (for load accounting);
+    ``on_opened(seconds)`` when the server answers a channel open, with the
+    time since the client was queued (for routing around a stalled session).
     """
 
-    def __init__(self, opts: Options, name: str = "worker", on_state=None, on_finished=None):
+    def __init__(self, opts: Options, name: str = "worker", on_state=None, on_finished=None, on_opened=None):
         self.opts = opts
         self.name = name
         self.on_state = on_state or (lambda up, reason: None)
         self.on_finished = on_finished or (lambda n: None)
+        self.on_opened = on_opened or (lambda seconds: None)
         self.loop = None
         self.session = None
         self.sock = None
@@ -186,6 +189,13 @@ class Worker:
     def load(self) -> int:
         return len(self.pending) + len(self.active)
 
+    def oldest_open_wait(self) -> float | None:
+        """Seconds the oldest queued client has waited for its channel; None
+        when none waits on a live session."""
+        if not self.up or not self.pending:
+            return None
+        return time.monotonic() - self.pending[0].queued_at
+
     def _drive_opens(self) -> int:
         """Open channels for queued clients, one in flight at a time.
 
@@ -204,6 +214,7 @@ class Worker:
                     ch = self.session.direct_tcpip_ex(target.host, target.port, shost, sport)
             except sx.ChannelFailure:
                 self.pending.popleft()
+                self.on_opened(time.monotonic() - client.queued_at)
                 err = ChannelOpenError(str(target), _open_reason(self.session))
                 log.warning("%s: %s (client %s closed)", self.name, err, _peer_text(client))
                 client.sock.close()
@@ -223,6 +234,7 @@ class Worker:
             self.pending.popleft()
             client.channel = ch
             client.opened_at = time.monotonic()
+            self.on_opened(client.opened_at - client.queued_at)
             fd = client.sock.detach()  # the pump owns the fd now
             try:
                 cid = self.pump.add(fd, ch)

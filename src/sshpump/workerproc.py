@@ -3,7 +3,8 @@
 The master starts it with one end of a SOCK_SEQPACKET pair as FD, sends the
 options (secrets included, never on argv or in the environment), then client
 fds. The worker exits when the master goes away (control socket EOF, or
-PR_SET_PDEATHSIG if the master is SIGKILLed) or after a drain.
+PR_SET_PDEATHSIG if the master is SIGKILLed) or after a drain, asked by the
+master or by a SIGTERM/SIGINT of its own.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import logging
 import os
 import signal
 import socket
+import statistics
 import sys
+from collections import deque
 
 from . import fdpass
 from .errors import AuthError, BridgeError, HostKeyError, SshpumpError
-from .procsetup import raise_fd_limit, setup_logging
+from .procsetup import HANDLED_SIGNALS, raise_fd_limit, setup_logging
 from .worker import Worker
 
 EXIT_BOOT_ERROR = 3  # like gunicorn: the master must not respawn in a loop
+REPORT_INTERVAL = 0.25  # seconds between open reports to the master (when there is news)
 
 log = logging.getLogger("sshpump")
 
@@ -35,27 +39,52 @@ def _die_with_parent():
         pass
 
 
+class OpenReport:
+    """Tells the master how this worker's channel opens fare, so that it can
+    send new clients elsewhere while this session stalls (a hung server or a
+    network cut that keepalives have not declared dead yet): how long the
+    oldest queued open has waited, and how long recent opens took. Sent at
+    most every REPORT_INTERVAL, and only when there is something to say."""
+
+    def __init__(self, send):
+        self.send = send
+        self.latencies: deque[float] = deque(maxlen=64)
+        self.sent_wait = None
+
+    def opened(self, latency: float):
+        self.latencies.append(latency)
+
+    def tick(self, wait: float | None):
+        if wait is None and self.sent_wait is None and not self.latencies:
+            return
+        lat = statistics.median(self.latencies) if self.latencies else None
+        self.latencies.clear()
+        self.sent_wait = wait
+        self.send(t="opens", wait=wait, lat=lat)
+
+
 async def _serve(ctrl: socket.socket, opts, index: int) -> int:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    finished_total = 0
+
+    def send(**msg):
+        try:
+            fdpass.send_status(ctrl, **msg)
+        except OSError:  # the master is gone or not reading: it has no use for it
+            pass
 
     def on_state(up, reason):
         fdpass.send_status(ctrl, t="up" if up else "down", reason=reason)
 
     def on_finished(n):
-        nonlocal finished_total
-        finished_total += n
-        try:
-            fdpass.send_status(ctrl, t="done", n=n)
-        except OSError:
-            pass
+        send(t="done", n=n)
 
-    worker = Worker(opts, name=f"worker {index}", on_state=on_state, on_finished=on_finished)
+    report = OpenReport(send)
+    worker = Worker(opts, name=f"worker {index}", on_state=on_state, on_finished=on_finished,
+                    on_opened=report.opened)
     draining = None
 
     def on_ctrl():
-        nonlocal draining
         while True:
             try:
                 kind, payload, fd = fdpass.recv_master(ctrl)
@@ -73,35 +102,66 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
                     log.warning("worker %d: client %s lost in transfer (out of file descriptors)", index, peer)
                     on_finished(1)
                     continue
-                sock = socket.socket(fileno=fd)
-                if draining is not None:
-                    sock.close()
-                    on_finished(1)
-                else:
-                    worker.submit(sock, opts.forwards[idx], peer)
-            elif kind == fdpass.DRAIN and draining is None:
-                draining = loop.create_task(_drain(payload))
+                # Also while draining: after the master's DRAIN none come; after
+                # our own signal only those the master sent before it heard of
+                # the drain, and they are ours to carry (the drain waits for them).
+                worker.submit(socket.socket(fileno=fd), opts.forwards[idx], peer)
+            elif kind == fdpass.DRAIN:
+                drain(payload)
+
+    def drain(grace):
+        nonlocal draining
+        if draining is None:
+            draining = loop.create_task(_drain(grace))
 
     async def _drain(grace):
         await worker.drain(grace)
         done.set()
 
+    def on_stop_signal(sig):
+        # Ctrl-C, `kill -TERM -PGID` and systemd (KillMode=control-group)
+        # signal the whole process group: a worker that gets SIGTERM/SIGINT
+        # drains exactly as when the master asks, and tells the master to
+        # send it no more clients (the master may not have been signalled).
+        if draining is None:
+            log.info("worker %d: %s: draining (up to %gs)", index, sig.name, opts.drain_timeout)
+            send(t="draining", reason=sig.name)
+        drain(opts.drain_timeout)
+
+    def tick():
+        nonlocal ticker
+        ticker = loop.call_later(REPORT_INTERVAL, tick)
+        report.tick(worker.oldest_open_wait())
+
     ctrl.setblocking(False)
     loop.add_reader(ctrl.fileno(), on_ctrl)
-    loop.add_signal_handler(signal.SIGTERM, lambda: done.set())
-    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the master decides
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal, sig)
+    # A hang-up (closed terminal, `kill -HUP -PGID`) must not kill a worker;
+    # what it means is the master's to decide.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked since birth (procsetup)
+    ticker = loop.call_later(REPORT_INTERVAL, tick)
     # Stagger logins: sshd's MaxStartups drops bursts of unauthenticated
     # connections.
     await asyncio.sleep(0.05 * index)
+    starting = loop.create_task(worker.start())
+    stopped = loop.create_task(done.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        # Told to stop while still logging in: nothing to drain, and the login
+        # runs in a thread that cannot be interrupted; do not wait for it.
+        os._exit(0)
     try:
-        await worker.start()
+        starting.result()
     except (AuthError, HostKeyError, BridgeError) as e:
         fdpass.send_status(ctrl, t="fatal", code=e.exit_code, msg=str(e))
         return EXIT_BOOT_ERROR
     except SshpumpError as e:
         fdpass.send_status(ctrl, t="down", reason=str(e), code=e.exit_code)
         worker.start_reconnecting()
-    await done.wait()
+    await stopped
+    ticker.cancel()
     worker.close()
     return 0
 

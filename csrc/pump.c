@@ -651,6 +651,24 @@ static int step_up(struct pump *p, struct conn *c)
     return moved;
 }
 
+/* With --window, keep the channel's receive window near p->window.
+   libssh2's own adjusts (inside channel_read) aim at its 2 MiB initial
+   window, so as data was read a larger window shrank back to 2 MiB after
+   the first few MiB, and --window bought almost nothing on long links.
+   Once a quarter of the window is consumed, owe an adjust that restores
+   it; step_down sends it (finish_adjust) before reading further. Only
+   bytes already taken from libssh2 are re-granted: a slow client still
+   stops the server after at most p->window bytes. */
+static void top_up_window(struct pump *p, struct conn *c)
+{
+    unsigned long window;
+    if (!p->window || c->wadj || c->rpending)
+        return;
+    window = libssh2_channel_window_read_ex(c->ch, NULL, NULL);
+    if (window < p->window / 4 * 3)
+        set_owed(p, c, 0, p->window - window);
+}
+
 /* channel -> our buffer -> client. Returns non-zero on progress. */
 static int step_down(struct pump *p, struct conn *c)
 {
@@ -724,6 +742,7 @@ static int step_down(struct pump *p, struct conn *c)
                 c->dlen += (size_t)r;
                 p->buffered += (size_t)r;
                 set_owed(p, c, 0, 0);
+                top_up_window(p, c);
                 moved = 1;
                 continue;  /* try to deliver it at once */
             }

@@ -1,0 +1,107 @@
+"""A connection sshpump had to cut looks cut to its client: a TCP reset, never
+the FIN of a complete response (drain timeout, lost SSH session, failed
+channel open, no session at all)."""
+from __future__ import annotations
+
+import signal
+import struct
+import socket
+import time
+
+import pytest
+
+from helpers import connect, extra_sshd, start_pump, tcp_spec
+
+MiB = 1 << 20
+
+
+def read_to_end(sock, limit_s=30.0):
+    """Read until the stream ends; returns ("eof" | "reset", bytes received)."""
+    got = 0
+    deadline = time.monotonic() + limit_s
+    sock.settimeout(limit_s)
+    while time.monotonic() < deadline:
+        try:
+            b = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return "reset", got
+        if not b:
+            return "eof", got
+        got += len(b)
+    raise AssertionError(f"stream neither ended nor was reset within {limit_s}s")
+
+
+def start_stalled_downloads(addr, n, nbytes=512 * MiB):
+    """n downloads that read 1 MiB and then stop reading (the rest piles up)."""
+    socks = []
+    for i in range(n):
+        s = connect(addr, 30)
+        s.sendall(f"{nbytes} cut-{i}\n".encode())
+        got = 0
+        while got < MiB:
+            got += len(s.recv(MiB))
+        socks.append(s)
+    return socks
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["w0", "w2"])
+def test_drain_timeout_resets_unfinished_downloads(sshd, targets, workers):
+    p = start_pump(sshd, tcp_spec(targets.tcp["source"]), workers=workers, extra=["--drain-timeout", "1"])
+    try:
+        socks = start_stalled_downloads(p.listen[0], 4)
+        p.proc.send_signal(signal.SIGTERM)
+        ends = [read_to_end(s)[0] for s in socks]
+        assert p.proc.wait(30) == 0, p.stderr()
+    finally:
+        p.close()
+    assert ends == ["reset"] * 4, ends
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["w0", "w2"])
+def test_lost_session_resets_its_downloads(sshd, targets, workers):
+    with start_pump(sshd, tcp_spec(targets.tcp["source"]), workers=workers,
+                    extra=["-o", "ServerAliveInterval=1"]) as p:
+        socks = start_stalled_downloads(p.listen[0], 4)
+        sshd.kill_sessions()   # the server side of every session vanishes
+        ends = [read_to_end(s)[0] for s in socks]
+        assert ends == ["reset"] * 4, ends
+        assert p.proc.poll() is None
+
+
+def test_failed_channel_open_resets_the_client(sshd, targets):
+    with start_pump(sshd, tcp_spec(targets.tcp["refuse"]), workers=0) as p:
+        with connect(p.listen[0]) as s:
+            assert read_to_end(s)[0] == "reset"
+
+
+def test_no_session_within_client_wait_resets_the_client(sshd, targets):
+    with extra_sshd(sshd) as server, start_pump(server, tcp_spec(targets.tcp["echo"]), workers=1,
+                                                extra=["--client-wait", "1"]) as p:
+        server.stop()  # and its sessions: the worker cannot reconnect
+        deadline = time.monotonic() + 20
+        ends = []
+        while time.monotonic() < deadline and "reset" not in ends:
+            with connect(p.listen[0]) as s:
+                s.shutdown(socket.SHUT_WR)  # an echo that is served ends with EOF
+                ends.append(read_to_end(s)[0])
+        assert ends[-1] == "reset", ends
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["w0", "w2"])
+def test_clients_reset_before_their_open_cost_no_target_connection(sshd, targets, workers):
+    """A burst of connect + RST: the opens of clients already gone are skipped,
+    and the tunnel serves normally afterwards."""
+    n = 400
+    with start_pump(sshd, tcp_spec(targets.tcp["echo"]), workers=workers, verbose=0) as p:
+        before = targets.stats()["echo"]["accepted"]
+        for _ in range(n):
+            s = socket.create_connection(p.listen[0])
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        with connect(p.listen[0]) as s:  # queued behind the burst: served once it is through
+            s.sendall(b"after the burst")
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(100) == b"after the burst"
+        opened = targets.stats()["echo"]["accepted"] - before - 1
+        assert p.proc.poll() is None, p.stderr()
+    assert opened < n // 2, f"{opened} of {n} reset clients still cost a target connection"

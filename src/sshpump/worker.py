@@ -27,6 +27,7 @@ from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
 from ssh2.session import LIBSSH2_SESSION_BLOCK_OUTBOUND
 
 from . import session as ssh_session
+from .cut import client_gone, reset_close
 from .errors import ChannelOpenError, SshpumpError
 from .options import Options
 from .pump import END_ABORTED, END_NORMAL, END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
@@ -88,6 +89,7 @@ class Worker:
         self._ka_unanswered = 0
         self.next_conn_seq = 0
         self.total_done = 0
+        self.skipped_opens = 0  # clients reset before their channel was opened
 
     # ---- session lifecycle -------------------------------------------------
 
@@ -204,6 +206,14 @@ class Worker:
         while self.pending and self.up:
             client = self.pending[0]
             target = client.fwd.target
+            if client.channel != "opening" and client_gone(client.sock):
+                # Reset while it waited: an open would cost a channel and a
+                # target connection for nobody (a burst of connect+RST).
+                self.pending.popleft()
+                client.sock.close()
+                self.skipped_opens += 1
+                self.on_finished(1)
+                continue
             shost = client.peer[0] if client.sock.family != socket.AF_UNIX else "127.0.0.1"
             sport = client.peer[1] if client.sock.family != socket.AF_UNIX else 0
             client.channel = "opening"
@@ -217,7 +227,7 @@ class Worker:
                 self.on_opened(time.monotonic() - client.queued_at)
                 err = ChannelOpenError(str(target), _open_reason(self.session))
                 log.warning("%s: %s (client %s closed)", self.name, err, _peer_text(client))
-                client.sock.close()
+                reset_close(client.sock)
                 self.on_finished(1)
                 continue
             except sx.SSH2Error as e:
@@ -239,7 +249,7 @@ class Worker:
             try:
                 cid = self.pump.add(fd, ch)
             except OSError as e:
-                socket.socket(fileno=fd).close()
+                reset_close(socket.socket(fileno=fd))
                 log.warning("%s: cannot carry client %s: %s", self.name, _peer_text(client), e)
                 self.on_finished(1)
                 continue
@@ -353,7 +363,7 @@ class Worker:
             log.warning(
                 "%s: closing client %s: no SSH session for %.0fs", self.name, _peer_text(client), self.opts.client_wait
             )
-            client.sock.close()
+            reset_close(client.sock)
             self.on_finished(1)
 
     # ---- shutdown ----------------------------------------------------------
@@ -379,7 +389,7 @@ class Worker:
         if self._reconnect_task:
             self._reconnect_task.cancel()
         for client in self.pending:
-            client.sock.close()
+            reset_close(client.sock)
         self.pending.clear()
         if self.pump is not None:
             self.pump.abort()

@@ -30,6 +30,7 @@ PKGS=(
     util-linux          # runuser
     psmisc              # fuser
     procps
+    iperf3              # two-way traffic test (tests/test_bidir.py)
     # building sshpump's patched libssh2 (csrc/build_libssh2.py)
     gcc
     patch

@@ -1,5 +1,13 @@
 """Which worker gets a new client, and the clients waiting for one.
 
+Order: a client's connections reach the target in the order sshpump accepted
+them. Each session opens its channels one at a time, in queue order, so a
+new connection from a client address that still has a channel open queued on
+some worker goes to that same worker, behind it; once that open is answered
+(the target has accepted the earlier connection), the next may go anywhere.
+Protocols that pair connections by arrival order (iperf3's --bidir, FTP-like
+control + data pairs) depend on this; ssh -L, with one session, has it too.
+
 The master hands each client to the live worker with the fewest open
 connections, but skips a worker whose session has stalled: its oldest queued
 channel open has waited far longer than the other workers' recent opens took
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections import deque
+from collections import Counter, deque
 
 from .cut import reset_close
 
@@ -45,6 +53,34 @@ class OpenHealth:
         self.stalled = False
 
 
+def client_key(peer) -> str:
+    """Connections from one client: its IP address (unix peers: one client)."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+
+
+class OpenQueue:
+    """The clients a worker has been handed and not yet opened a channel for,
+    in the worker's order (it resolves them oldest first, and reports it)."""
+
+    def __init__(self):
+        self.keys: deque = deque()
+        self.count: Counter = Counter()
+
+    def push(self, key: str):
+        self.keys.append(key)
+        self.count[key] += 1
+
+    def resolved(self, n: int):
+        for _ in range(min(n, len(self.keys))):
+            key = self.keys.popleft()
+            self.count[key] -= 1
+            if not self.count[key]:
+                del self.count[key]
+
+    def holds(self, key: str) -> bool:
+        return key in self.count
+
+
 class Dispatcher:
     """The waiting queue and the pick. ``workers`` is the master's list: each
     has ``up``, ``load``, ``health`` (OpenHealth), ``label`` and
@@ -55,14 +91,15 @@ class Dispatcher:
         self.opts = opts
         self.waiting: deque = deque()   # (sock, fwd_index, peer, since)
 
-    def pick(self, now: float) -> list:
+    def pick(self, now: float, key: str | None = None) -> list:
         """Live workers to try, least loaded first; stalled ones left out
-        while another live worker answers."""
+        while another live worker answers. A worker with an open of the same
+        client still queued comes first (see Order above)."""
         live = [w for w in self.workers if w.up]
         if len(live) > 1:
             answering = [w for w in live if not self._stalled(w, live, now)]
             live = answering or live
-        return sorted(live, key=lambda w: w.load)
+        return sorted(live, key=lambda w: (key is None or not w.opens.holds(key), w.load))
 
     def _stalled(self, w, live, now) -> bool:
         h = w.health
@@ -93,7 +130,12 @@ class Dispatcher:
         self.waiting.append((sock, idx, peer, since))
 
     def _hand_over(self, sock, idx, peer, now) -> bool:
-        return any(w.submit(sock, idx, peer, self.opts) for w in self.pick(now))
+        key = client_key(peer)
+        for w in self.pick(now, key):
+            if w.submit(sock, idx, peer, self.opts):
+                w.opens.push(key)
+                return True
+        return False
 
     def flush(self, now):
         """Hand queued clients over, oldest first, while workers take them."""

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import fdpass
-from .dispatch import OpenHealth
+from .dispatch import OpenHealth, OpenQueue
 from .options import Options
 from .procsetup import HANDLED_SIGNALS
 from .worker import Worker
@@ -33,6 +33,8 @@ class LocalWorker:
         self.load = 0
         self.label = "sshpump"
         self.health = OpenHealth()  # one worker: never routed around
+        self.opens = OpenQueue()
+        self.worker.on_resolved = self.opens.resolved
 
     @property
     def up(self):
@@ -69,6 +71,7 @@ class WorkerProcess:
         self.stopping = False
         self.draining = False   # drains on a signal of its own; replaced when it exits
         self.health = OpenHealth()
+        self.opens = OpenQueue()
 
     @property
     def label(self):
@@ -94,6 +97,7 @@ class WorkerProcess:
         self.up = False
         self.draining = False
         self.health = OpenHealth()
+        self.opens = OpenQueue()
         self.started_at = time.monotonic()
         self.first_status = loop.create_future()
         loop.add_reader(parent.fileno(), self._on_ctrl)
@@ -114,6 +118,8 @@ class WorkerProcess:
                 self.health.clear()
             if kind == "done":
                 self.load -= msg["n"]
+            elif kind == "resolved":
+                self.opens.resolved(msg["n"])
             elif kind == "opens":
                 self.health.report(msg.get("wait"), msg.get("lat"), time.monotonic())
             elif kind == "up":

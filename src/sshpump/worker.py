@@ -65,15 +65,19 @@ class Worker:
     ``on_state(up: bool, reason: str)`` is called when the session comes up or
     goes down; ``on_finished(n)`` when connections end (for load accounting);
     ``on_opened(seconds)`` when the server answers a channel open, with the
-    time since the client was queued (for routing around a stalled session).
+    time since the client was queued (for routing around a stalled session);
+    ``on_resolved(n)`` when n clients leave the open queue, opened or not (the
+    master keeps a client's later connections in order behind them).
     """
 
-    def __init__(self, opts: Options, name: str = "worker", on_state=None, on_finished=None, on_opened=None):
+    def __init__(self, opts: Options, name: str = "worker", on_state=None, on_finished=None, on_opened=None,
+                 on_resolved=None):
         self.opts = opts
         self.name = name
         self.on_state = on_state or (lambda up, reason: None)
         self.on_finished = on_finished or (lambda n: None)
         self.on_opened = on_opened or (lambda seconds: None)
+        self.on_resolved = on_resolved or (lambda n: None)
         self.loop = None
         self.session = None
         self.sock = None
@@ -187,6 +191,12 @@ class Worker:
         if self.up:
             self._drive_opens()
 
+    def _dequeue(self) -> Client:
+        """The oldest queued client leaves the queue (opened, failed, gone)."""
+        client = self.pending.popleft()
+        self.on_resolved(1)
+        return client
+
     @property
     def load(self) -> int:
         return len(self.pending) + len(self.active)
@@ -209,7 +219,7 @@ class Worker:
             if client.channel != "opening" and client_gone(client.sock):
                 # Reset while it waited: an open would cost a channel and a
                 # target connection for nobody (a burst of connect+RST).
-                self.pending.popleft()
+                self._dequeue()
                 client.sock.close()
                 self.skipped_opens += 1
                 self.on_finished(1)
@@ -223,7 +233,7 @@ class Worker:
                 else:
                     ch = self.session.direct_tcpip_ex(target.host, target.port, shost, sport)
             except sx.ChannelFailure:
-                self.pending.popleft()
+                self._dequeue()
                 self.on_opened(time.monotonic() - client.queued_at)
                 err = ChannelOpenError(str(target), _open_reason(self.session))
                 log.warning("%s: %s (client %s closed)", self.name, err, _peer_text(client))
@@ -241,7 +251,7 @@ class Worker:
                 if self.session.block_directions() & LIBSSH2_SESSION_BLOCK_OUTBOUND:
                     self.pump.want_out()
                 return opened
-            self.pending.popleft()
+            self._dequeue()
             client.channel = ch
             client.opened_at = time.monotonic()
             self.on_opened(client.opened_at - client.queued_at)
@@ -359,7 +369,7 @@ class Worker:
             return
         limit = time.monotonic() - self.opts.client_wait
         while self.pending and self.pending[0].queued_at < limit:
-            client = self.pending.popleft()
+            client = self._dequeue()
             log.warning(
                 "%s: closing client %s: no SSH session for %.0fs", self.name, _peer_text(client), self.opts.client_wait
             )
@@ -390,6 +400,8 @@ class Worker:
             self._reconnect_task.cancel()
         for client in self.pending:
             reset_close(client.sock)
+        if self.pending:
+            self.on_resolved(len(self.pending))
         self.pending.clear()
         if self.pump is not None:
             self.pump.abort()

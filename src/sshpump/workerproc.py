@@ -79,9 +79,14 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
     def on_finished(n):
         send(t="done", n=n)
 
+    def on_resolved(n):
+        # at once, not batched: the master routes a client's next connections
+        # behind this one while it has not left our open queue
+        send(t="resolved", n=n)
+
     report = OpenReport(send)
     worker = Worker(opts, name=f"worker {index}", on_state=on_state, on_finished=on_finished,
-                    on_opened=report.opened)
+                    on_opened=report.opened, on_resolved=on_resolved)
     draining = None
 
     def on_ctrl():
@@ -100,6 +105,7 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
                 idx, peer = payload
                 if fd is None:  # fd table full: the kernel dropped it
                     log.warning("worker %d: client %s lost in transfer (out of file descriptors)", index, peer)
+                    on_resolved(1)
                     on_finished(1)
                     continue
                 # Also while draining: after the master's DRAIN none come; after

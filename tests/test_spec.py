@@ -33,6 +33,10 @@ GOOD = [
      Endpoint(host="", port=8080), Endpoint(host="db.internal", port=5432)),
     ("localhost:65535:h:1",
      Endpoint(host="localhost", port=65535), Endpoint(host="h", port=1)),
+    ("/" + "s" * 106 + ":h:1",       # the longest unix socket path: 107 bytes
+     Endpoint(path="/" + "s" * 106), Endpoint(host="h", port=1)),
+    ("00080:h:0022",                 # leading zeros, as ssh's strtonum takes them
+     Endpoint(host=None, port=80), Endpoint(host="h", port=22)),
 ]
 
 
@@ -74,6 +78,13 @@ BAD = [
     "/tmp/local.sock:host",          # unix listen, no target port
     "/tmp/local.sock:host:port",
     "8080:ho st:80",                 # whitespace in host
+    "24110:127.0.0.1:80²",           # int() would raise on '²' although isdigit() is True
+    "24110:h:٣٣٠٦",                  # Arabic-Indic digits: ports are ASCII digits, as in ssh
+    "２４１１０:h:1",                  # fullwidth digits
+    "a" * 64 + ":24110:127.0.0.1:80",  # a 64-character label: IDNA refuses it
+    "127.0.0.1\n:0:h:1",             # a newline in the bind address
+    "/" + "s" * 107 + ":h:1",        # 108 bytes: sun_path holds 107 and the NUL
+    "/tmp/a\x00b:h:1",               # a NUL byte in a unix socket path
 ]
 
 

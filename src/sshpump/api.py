@@ -15,6 +15,7 @@ import threading
 from .master import Master
 from .options import Options
 from .spec import parse_local_forward
+from .sshopts import check_options
 
 
 class Tunnel:
@@ -103,8 +104,9 @@ def forward(
 
     ``specs`` are ``-L`` specs exactly as ssh writes them. Remaining keyword
     arguments set Options fields (connect_timeout, server_alive_interval,
-    exit_on_forward_failure, gateway_ports, window, verbose, ...). Raises an
-    SshpumpError subclass (ConnectError, HostKeyError, AuthError,
+    exit_on_forward_failure, gateway_ports, window, verbose, ...). Raises
+    UsageError (a ValueError) for a bad argument before anything connects,
+    or another SshpumpError subclass (ConnectError, HostKeyError, AuthError,
     ForwardError, SpecError) when the tunnel cannot start.
     """
     u, _, host = destination.rpartition("@")
@@ -112,16 +114,18 @@ def forward(
     if u or user:
         opts.user = user or u
     if identity:
-        opts.identities = [identity] if isinstance(identity, str) else list(identity)
+        opts.identities = [identity] if isinstance(identity, (str, os.PathLike)) else list(identity)
+        opts.identities = [os.path.expanduser(os.fspath(p)) for p in opts.identities]
     opts.password = password
     opts.passphrase = passphrase
     if known_hosts:
         opts.known_hosts = [known_hosts] if isinstance(known_hosts, (str, os.PathLike)) else list(known_hosts)
-        opts.known_hosts = [os.fspath(p) for p in opts.known_hosts]
+        opts.known_hosts = [os.path.expanduser(os.fspath(p)) for p in opts.known_hosts]
     opts.strict_host_key_checking = strict_host_key_checking
     opts.forwards = [parse_local_forward(s) for s in specs]
     for key, value in options.items():
         if not hasattr(opts, key):
             raise TypeError(f"forward() got an unknown option {key!r}")
         setattr(opts, key, value)
+    check_options(opts)  # bad values fail here, not inside a worker
     return Tunnel(opts).start()

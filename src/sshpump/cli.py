@@ -1,4 +1,4 @@
-"""``sshpump``: argument parsing only; the work is in master.Master."""
+"""``sshpump``: the command line read into Options; the work is in master.Master."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import logging
 import os
 import sys
 
-from . import envsecrets
+from . import envsecrets, validate
 from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import AuthError, SshpumpError, UsageError
 from .procsetup import raise_fd_limit, setup_logging
 from .master import Master, default_workers
-from .options import STRICT_VALUES, Options
+from .options import Options
 from .spec import parse_local_forward
+from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options
 
 log = logging.getLogger("sshpump")
 
@@ -31,7 +32,19 @@ EXIT_CODES = """exit status:
   6  forward failed (listen address in use, ExitOnForwardFailure)
   7  internal error (ssh2-python does not match the C pump)"""
 
-YES_NO = {"yes": True, "no": False, "true": True, "false": False}
+# Options taking a value, read as ssh's getopt reads them (see _getopt_words).
+SHORT_WITH_VALUE = "Lplio"
+LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window")
+# ssh options a user may try; without this argparse reads `-R spec host`
+# with the spec as the destination.
+NOT_SUPPORTED = {
+    "R": "-R (remote forwarding) is not supported: sshpump forwards with -L only",
+    "D": "-D (dynamic SOCKS forwarding) is not supported: sshpump forwards with -L only",
+    "J": "-J (ProxyJump) is not supported",
+    "W": "-W (stdio forwarding) is not supported",
+    "F": "-F is not supported: ssh config files are not read; give options with -o",
+}
+MAX_FD = 2**31 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-L", dest="local", action="append", default=[], metavar="spec",
                    help="[bind:]port:host:hostport | [bind:]port:/remote/socket | "
                    "/local/socket:host:hostport | /local/socket:/remote/socket")
-    p.add_argument("-p", dest="port", type=int, help="SSH server port (default 22)")
+    p.add_argument("-p", dest="port", help="SSH server port (default 22)")
     p.add_argument("-l", dest="login", help="user to log in as")
     p.add_argument("-i", dest="identity", action="append", default=[], metavar="identity_file")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="option=value")
@@ -82,109 +95,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", dest="verbose", action="count", default=0, help="log every connection (-vv: debug)")
     for flag in ("-N", "-n", "-T", "-f"):
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # ssh habits: implied
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", default=None,
                    help=f"worker processes, each with its own SSH session (default: CPU count, {default_workers()} here); "
                    "0 runs everything in one process")
-    p.add_argument("--ready-fd", type=int, default=None, metavar="FD",
+    p.add_argument("--ready-fd", default=None, metavar="FD",
                    help="when ready, write one JSON line (pid, listen addresses) to FD and close it")
-    p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--drain-timeout", default=None, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long open connections may finish (default 10)")
-    p.add_argument("--client-wait", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--client-wait", default=None, metavar="SECONDS",
                    help="how long a new client waits while no SSH session is up (default 10)")
-    p.add_argument("--window", type=int, default=0, metavar="BYTES",
+    p.add_argument("--window", default=None, metavar="BYTES",
                    help="SSH receive window per channel (default libssh2's 2 MiB); raise it on high-latency links")
     return p
 
 
-def _apply_option(opts: Options, text: str, batch: list) -> None:
-    if "=" in text:
-        key, value = text.split("=", 1)
-    else:
-        parts = text.split(None, 1)
-        if len(parts) != 2:
-            raise UsageError(f"bad -o option {text!r}: expected Option=value")
-        key, value = parts
-    key_l, value = key.strip().lower(), value.strip()
-
-    def yes_no():
-        if value.lower() not in YES_NO:
-            raise UsageError(f"bad -o {key}={value}: expected yes or no")
-        return YES_NO[value.lower()]
-
-    def number(kind=float):
-        try:
-            return kind(value)
-        except ValueError:
-            raise UsageError(f"bad -o {key}={value}: expected a number") from None
-
-    if key_l == "userknownhostsfile":
-        opts.known_hosts = [os.path.expanduser(v) for v in value.split()]
-    elif key_l == "stricthostkeychecking":
-        v = value.lower()
-        v = {"true": "yes", "false": "no", "off": "no", "on": "yes"}.get(v, v)
-        if v not in STRICT_VALUES:
-            raise UsageError(f"bad -o StrictHostKeyChecking={value}: expected yes, accept-new or no")
-        opts.strict_host_key_checking = v
-    elif key_l == "connecttimeout":
-        opts.connect_timeout = number() or None
-    elif key_l == "serveraliveinterval":
-        opts.server_alive_interval = number()
-    elif key_l == "serveralivecountmax":
-        opts.server_alive_count_max = number(int)
-    elif key_l == "exitonforwardfailure":
-        opts.exit_on_forward_failure = yes_no()
-    elif key_l == "gatewayports":
-        opts.gateway_ports = yes_no()
-    elif key_l == "identityfile":
-        opts.identities.append(os.path.expanduser(value))
-    elif key_l == "identitiesonly":
-        opts.identities_only = yes_no()
-    elif key_l == "ciphers":
-        opts.ciphers = value
-    elif key_l == "port":
-        opts.port = number(int)
-    elif key_l == "user":
-        opts.user = value
-    elif key_l == "batchmode":
-        batch.append(yes_no())
-    else:
-        raise UsageError(f"unsupported -o option {key!r}")
+def _getopt_words(argv: list[str]) -> list[str]:
+    """Join every option to its value, as ssh's getopt does: argparse would
+    take a value that starts with '-' (`-L -1:h:80`) for an option. Refuse
+    ssh options sshpump does not have before argparse misreads them."""
+    words, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word == "--":
+            return words + argv[i - 1:]
+        if word in LONG_WITH_VALUE and i < len(argv):
+            words.append(f"{word}={argv[i]}")
+            i += 1
+            continue
+        if word.startswith("-") and not word.startswith("--"):
+            for pos, flag in enumerate(word[1:], 1):
+                if flag in NOT_SUPPORTED:
+                    raise UsageError(NOT_SUPPORTED[flag])
+                if flag in SHORT_WITH_VALUE:  # the rest of the word, or the next one, is its value
+                    if pos == len(word) - 1 and i < len(argv):
+                        word += argv[i]
+                        i += 1
+                    break
+        words.append(word)
+    return words
 
 
-def parse_args(argv) -> tuple[Options, argparse.Namespace, bool]:
-    ns = build_parser().parse_args(argv)
-    dest = ns.destination
-    user, _, host = dest.rpartition("@")
-    if not host:
-        raise UsageError(f"bad destination {dest!r}")
+def parse_command_line(argv: list[str]) -> tuple[Options, argparse.Namespace, bool]:
+    """argv -> (Options, namespace, BatchMode): parsing and checks only, no
+    environment, files or network. Every bad input raises UsageError (one
+    line); -h and --version print and raise SystemExit(0), as argparse does."""
+    ns = build_parser().parse_args(_getopt_words(list(argv)))
+    user, _, host = ns.destination.rpartition("@")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    opts = Options(host=host)
+    opts = Options(host=validate.host(host, "host", resolved_here=True))
     if user:
-        opts.user = user
+        opts.user = validate.user(user)
     batch = []
     for o in ns.options:
-        _apply_option(opts, o, batch)
-    if ns.login:
-        opts.user = ns.login
+        apply_option(opts, o, batch)
+    if ns.login is not None:
+        opts.user = validate.user(ns.login, "-l")
     if ns.port is not None:
-        opts.port = ns.port
-    if not 0 < opts.port < 65536:
-        raise UsageError(f"bad port {opts.port}")
-    opts.identities = [os.path.expanduser(i) for i in ns.identity] + opts.identities
+        opts.port = validate.port(ns.port, "-p")
+    opts.identities = [validate.local_file(i, "-i") for i in ns.identity] + opts.identities
     opts.forwards = [parse_local_forward(s) for s in ns.local]
     if not opts.forwards:
         raise UsageError("nothing to forward: give at least one -L")
     opts.gateway_ports = opts.gateway_ports or ns.gateway
     opts.verbose = ns.verbose
-    opts.workers = default_workers() if ns.workers is None else ns.workers
-    if opts.workers < 0:
-        raise UsageError("--workers must be >= 0")
-    opts.drain_timeout = ns.drain_timeout
-    opts.client_wait = ns.client_wait
-    opts.window = ns.window
-    interactive = sys.stdin.isatty() and not (batch and batch[-1])
-    return opts, ns, interactive
+    opts.workers = (default_workers() if ns.workers is None
+                    else validate.ascii_int(ns.workers, "--workers", 0, MAX_WORKERS))
+    if ns.drain_timeout is not None:
+        opts.drain_timeout = validate.decimal_seconds(ns.drain_timeout, "--drain-timeout")
+    if ns.client_wait is not None:
+        opts.client_wait = validate.decimal_seconds(ns.client_wait, "--client-wait")
+    if ns.window is not None:
+        opts.window = validate.ascii_int(ns.window, "--window", 0, MAX_WINDOW)
+    if ns.ready_fd is not None:
+        ns.ready_fd = validate.ascii_int(ns.ready_fd, "--ready-fd", 0, MAX_FD)
+    check_options(opts)
+    return opts, ns, bool(batch and batch[-1])
+
+
+def one_line(text: str) -> str:
+    """Control characters escaped: an error message is one line on stderr."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _key_is_encrypted(path: str) -> bool:
@@ -241,11 +233,12 @@ def main(argv=None) -> int:
     passphrase = envsecrets.take(PASSPHRASE_ENV)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        opts, ns, interactive = parse_args(argv)
+        opts, ns, batch = parse_command_line(argv)
     except UsageError as e:
-        print(f"sshpump: {e}", file=sys.stderr)
+        print(one_line(f"sshpump: {e}"), file=sys.stderr)
         return e.exit_code
     opts.password, opts.passphrase = password, passphrase
+    interactive = sys.stdin.isatty() and not batch
     setup_logging(opts.verbose)
     raise_fd_limit()
     if interactive and opts.passphrase is None:
@@ -266,7 +259,7 @@ def main(argv=None) -> int:
                     and "password" in offered):
                 opts.password = getpass.getpass(f"{opts.user}@{opts.host}'s password: ")
                 continue
-            print(f"sshpump: {e}", file=sys.stderr)
+            print(one_line(f"sshpump: {e}"), file=sys.stderr)
             return e.exit_code
         except KeyboardInterrupt:
             return 130

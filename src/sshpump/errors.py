@@ -23,8 +23,9 @@ class ConnectError(SshpumpError, ConnectionError):
     exit_code = 3
 
 
-class HostKeyError(SshpumpError):
-    """The server's host key is unknown or does not match known_hosts."""
+class HostKeyError(SshpumpError, ConnectionError):
+    """The server's host key is unknown or does not match known_hosts: the
+    connection is refused, so it is a ConnectionError like ConnectError."""
 
     exit_code = 4
 

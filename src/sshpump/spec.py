@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SpecError
+from . import validate
+from .errors import SpecError, UsageError
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,11 @@ def _split(spec: str) -> list[str]:
     for ch in spec:
         if ch == "[":
             if depth:
-                raise SpecError(f"bad forward spec {spec!r}: nested '['")
+                raise SpecError(f"bad forward spec {validate.show(spec)}: nested '['")
             depth = 1
         elif ch == "]":
             if not depth:
-                raise SpecError(f"bad forward spec {spec!r}: unbalanced ']'")
+                raise SpecError(f"bad forward spec {validate.show(spec)}: unbalanced ']'")
             depth = 0
         elif ch == ":" and not depth:
             parts.append("".join(cur))
@@ -60,26 +61,17 @@ def _split(spec: str) -> list[str]:
         else:
             cur.append(ch)
     if depth:
-        raise SpecError(f"bad forward spec {spec!r}: unbalanced '['")
+        raise SpecError(f"bad forward spec {validate.show(spec)}: unbalanced '['")
     parts.append("".join(cur))
     return parts
 
 
-def _port(spec: str, text: str, what: str, allow_zero: bool) -> int:
-    if not text.isdigit():
-        raise SpecError(f"bad forward spec {spec!r}: {what} {text!r} is not a number")
-    port = int(text)
-    if port > 65535 or (port == 0 and not allow_zero):
-        raise SpecError(f"bad forward spec {spec!r}: {what} {port} is out of range")
-    return port
-
-
-def _host(spec: str, text: str) -> str:
-    if not text:
-        raise SpecError(f"bad forward spec {spec!r}: empty target host")
-    if any(c.isspace() for c in text):
-        raise SpecError(f"bad forward spec {spec!r}: bad host {text!r}")
-    return text
+def _checked(spec: str, check, text: str, what: str, **kw):
+    """Run a validate check on one field; its error names the whole spec."""
+    try:
+        return check(text, what, **kw)
+    except UsageError as e:
+        raise SpecError(f"bad forward spec {validate.show(spec)}: {e}") from None
 
 
 def parse_local_forward(spec: str) -> LocalForward:
@@ -89,27 +81,33 @@ def parse_local_forward(spec: str) -> LocalForward:
     ``[bind:]port:/remote/socket``, ``/local/socket:host:hostport`` and
     ``/local/socket:/remote/socket``; IPv6 addresses in square brackets.
     """
+    if not isinstance(spec, str):
+        raise SpecError(f"bad forward spec {spec!r}: not a string")
     if not spec or not spec.strip():
         raise SpecError("bad forward spec '': empty")
     parts = _split(spec)
     # Unix-socket listen side: the first field is a path.
     if parts[0].startswith("/"):
-        listen = Endpoint(path=parts[0])
+        path = _checked(spec, validate.path, parts[0], "local socket path", max_bytes=validate.UNIX_PATH_MAX)
+        listen = Endpoint(path=path)
         rest = parts[1:]
     else:
         if len(parts) >= 4 or (len(parts) == 3 and parts[2].startswith("/")):
             bind, port, rest = parts[0], parts[1], parts[2:]
             bind = "" if bind == "*" else bind
+            if bind:
+                _checked(spec, validate.host, bind, "bind address", resolved_here=True)
         else:
             bind, port, rest = None, parts[0], parts[1:]
-        listen = Endpoint(host=bind, port=_port(spec, port, "listen port", allow_zero=True))
+        listen = Endpoint(host=bind, port=_checked(spec, validate.port, port, "listen port", allow_zero=True))
     if len(rest) == 1 and rest[0].startswith("/"):
-        target = Endpoint(path=rest[0])
+        target = Endpoint(path=_checked(spec, validate.path, rest[0], "remote socket path", remote=True))
     elif len(rest) == 2:
-        target = Endpoint(host=_host(spec, rest[0]), port=_port(spec, rest[1], "target port", False))
+        host = _checked(spec, validate.host, rest[0], "target host", resolved_here=False)
+        target = Endpoint(host=host, port=_checked(spec, validate.port, rest[1], "target port"))
     else:
         raise SpecError(
-            f"bad forward spec {spec!r}: expected [bind:]port:host:hostport, "
+            f"bad forward spec {validate.show(spec)}: expected [bind:]port:host:hostport, "
             "[bind:]port:/remote/socket, /local/socket:host:hostport "
             "or /local/socket:/remote/socket"
         )

@@ -1,0 +1,113 @@
+"""ssh's ``-o Option=value`` read into Options, and the check every Options
+passes (CLI and library alike) before anything listens or connects."""
+
+from __future__ import annotations
+
+from . import validate
+from .errors import UsageError
+from .options import DEFAULT_CIPHERS, STRICT_VALUES, Options
+
+YES_NO = {"yes": True, "no": False, "true": True, "false": False}
+STRICT_ALIASES = {"true": "yes", "false": "no", "off": "no", "on": "yes"}
+MAX_COUNT = 2**31 - 1     # ssh's ServerAliveCountMax limit (INT_MAX)
+MAX_WORKERS = 1024        # a typo such as --workers 10000 must not fork that many processes
+MAX_WINDOW = 1 << 30      # OpenSSH ends a session whose peer window would pass 2^32 - 1
+
+# Canonical spelling of every -o option sshpump knows, for messages.
+KNOWN = {name.lower(): name for name in (
+    "UserKnownHostsFile", "StrictHostKeyChecking", "ConnectTimeout", "ServerAliveInterval",
+    "ServerAliveCountMax", "ExitOnForwardFailure", "GatewayPorts", "IdentityFile",
+    "IdentitiesOnly", "Ciphers", "Port", "User", "BatchMode",
+)}
+
+
+def _split(text: str) -> tuple[str, str]:
+    """'Key=value', 'Key value' or 'Key = value', as ssh accepts them."""
+    if "=" in text:
+        key, value = text.split("=", 1)
+    else:
+        parts = text.split(None, 1)
+        if len(parts) != 2:
+            raise UsageError(f"bad -o option {validate.show(text)}: expected Option=value")
+        key, value = parts
+    name = KNOWN.get(key.strip().lower())
+    if name is None:
+        raise UsageError(f"unsupported -o option {validate.show(key.strip())}")
+    return name, value.strip()
+
+
+def apply_option(opts: Options, text: str, batch: list) -> None:
+    """Apply one -o argument to opts; BatchMode values are appended to batch."""
+    name, value = _split(text)
+    what = f"-o {name}"
+
+    def yes_no() -> bool:
+        if value.lower() not in YES_NO:
+            raise UsageError(f"{what} {validate.show(value)} is not yes or no")
+        return YES_NO[value.lower()]
+
+    if name == "UserKnownHostsFile":
+        opts.known_hosts = [validate.local_file(v, what) for v in value.split()]
+        if not opts.known_hosts:
+            raise UsageError(f"{what} needs at least one path")
+    elif name == "StrictHostKeyChecking":
+        v = STRICT_ALIASES.get(value.lower(), value.lower())
+        if v not in STRICT_VALUES:
+            raise UsageError(f"{what} {validate.show(value)} is not yes, accept-new or no")
+        opts.strict_host_key_checking = v
+    elif name == "ConnectTimeout":
+        opts.connect_timeout = validate.seconds(value, what) or None  # 0: no bound
+    elif name == "ServerAliveInterval":
+        # Whole seconds, as in ssh: a fraction such as 0.01 declared healthy
+        # servers dead and reconnected workers in a loop.
+        opts.server_alive_interval = validate.seconds(value, what)
+    elif name == "ServerAliveCountMax":
+        opts.server_alive_count_max = validate.ascii_int(value, what, 0, MAX_COUNT)
+    elif name == "ExitOnForwardFailure":
+        opts.exit_on_forward_failure = yes_no()
+    elif name == "GatewayPorts":
+        opts.gateway_ports = yes_no()
+    elif name == "IdentityFile":
+        opts.identities.append(validate.local_file(value, what))
+    elif name == "IdentitiesOnly":
+        opts.identities_only = yes_no()
+    elif name == "Ciphers":
+        opts.ciphers = validate.ciphers(value, DEFAULT_CIPHERS, what)
+    elif name == "Port":
+        opts.port = validate.port(value, what)
+    elif name == "User":
+        opts.user = validate.user(value, what)
+    elif name == "BatchMode":
+        batch.append(yes_no())
+
+
+def check_options(opts: Options) -> Options:
+    """Check (and normalise) a whole Options; raises UsageError. The library
+    sets fields directly, so this is where its values meet ssh's rules."""
+    validate.host(opts.host, "host", resolved_here=True)
+    validate.user(opts.user)
+    validate.number_in(opts.port, "port", 1, 65535, integer=True)
+    if opts.connect_timeout is not None:
+        opts.connect_timeout = validate.number_in(
+            opts.connect_timeout, "connect_timeout", 0, validate.MAX_SECONDS) or None
+    interval = validate.number_in(opts.server_alive_interval, "server_alive_interval", 0, validate.MAX_SECONDS)
+    if 0 < interval < 1:
+        raise UsageError(f"server_alive_interval must be 0 (off) or at least 1 second, not {interval!r}")
+    validate.number_in(opts.server_alive_count_max, "server_alive_count_max", 0, MAX_COUNT, integer=True)
+    if opts.strict_host_key_checking not in STRICT_VALUES:
+        raise UsageError(f"strict_host_key_checking must be one of {', '.join(STRICT_VALUES)}, "
+                         f"not {opts.strict_host_key_checking!r}")
+    if not opts.known_hosts:
+        raise UsageError("known_hosts needs at least one path")
+    for p in opts.known_hosts:
+        validate.path(p, "known_hosts file")
+    for p in opts.identities:
+        validate.path(p, "identity file")
+    if not isinstance(opts.ciphers, str):
+        raise UsageError(f"ciphers must be a comma-separated string, not {opts.ciphers!r}")
+    opts.ciphers = validate.ciphers(opts.ciphers, DEFAULT_CIPHERS)
+    validate.number_in(opts.workers, "workers", 0, MAX_WORKERS, integer=True)
+    validate.number_in(opts.window, "window", 0, MAX_WINDOW, integer=True)
+    validate.number_in(opts.drain_timeout, "drain_timeout", 0, validate.MAX_SECONDS)
+    validate.number_in(opts.client_wait, "client_wait", 0, validate.MAX_SECONDS)
+    return opts

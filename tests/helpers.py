@@ -74,8 +74,9 @@ class PumpFailed(RuntimeError):
 class Pump:
     """A running sshpump CLI process.
 
-    Attributes: proc, pid (master), listen (list of addresses, in -L order:
-    (host, port) tuples or unix paths), ready (the parsed JSON line),
+    Attributes: proc, pid (master), listen (one address per forward, in -L
+    order: (host, port) tuples or unix paths), listen_all (every listening
+    address, the [::1] twins included), ready (the parsed JSON line),
     stderr_path.  Methods: stderr(), wait_log(text, timeout), workers(),
     stop(sig, timeout) -> returncode, close().
     """
@@ -113,8 +114,10 @@ class Pump:
             raise PumpFailed(f"sshpump not ready (exit code {rc}):\n{err}")
         self.ready = json.loads(line)
         assert self.ready["ready"] is True and self.ready["pid"] == self.pid
-        self.listen = [a["address"] if isinstance(a["address"], str) else tuple(a["address"])
-                       for a in self.ready["listen"]]
+        entries = self.ready["listen"]
+        self.listen_all = [a["address"] if isinstance(a["address"], str) else tuple(a["address"])
+                           for a in entries]
+        self.listen = [a for i, a in enumerate(self.listen_all) if not _ipv6_loopback_twin(entries, i)]
 
     def _read_ready(self, r, timeout):
         deadline = time.monotonic() + timeout
@@ -190,6 +193,16 @@ class Pump:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _ipv6_loopback_twin(entries, i) -> bool:
+    """A forward without a bind address listens on 127.0.0.1 and then on
+    [::1] at the same port: entry i is that second address."""
+    if i == 0 or isinstance(entries[i]["address"], str) or isinstance(entries[i - 1]["address"], str):
+        return False
+    prev, cur = entries[i - 1], entries[i]
+    return (prev["spec"] == cur["spec"] and cur["address"][0] == "::1"
+            and list(prev["address"][:2]) == ["127.0.0.1", cur["address"][1]])
 
 
 def _alive(pid) -> bool:

@@ -168,7 +168,7 @@ def test_api_forward_and_errors(sshd, targets, tmp_path):
     with sshpump.forward(f"{sshd.user}@{sshd.host}", tcp_spec(targets.tcp["echo"]),
                          f"0:{targets.unix['echo']}", workers=0, **kw) as t:
         assert t.local_address == t.addresses[0]
-        assert len(t.addresses) == 2
+        assert len(t.addresses) == 4  # each forward on 127.0.0.1 and on [::1]
         for a in t.addresses:
             with connect(a, 10) as s:
                 echo_roundtrip(s, b"api", half_close=True)

@@ -211,7 +211,9 @@ async def _run(opts: Options, ns) -> int:
         return 0
     addrs = master.addresses()
     for spec, addr in addrs:
-        log.info("listening on %s for -L %s", addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}", spec)
+        if not isinstance(addr, str):
+            addr = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+        log.info("listening on %s for -L %s", addr, spec)
     log.info("ready (pid %d, %d workers)", os.getpid(), opts.workers)
     if ns.ready_fd is not None:
         line = json.dumps({"ready": True, "pid": os.getpid(),

@@ -1,4 +1,4 @@
-"""Local listening sockets for -L forwards: TCP (dual-stack) and unix."""
+"""Local listening sockets for -L forwards: TCP (both loopbacks, or dual-stack) and unix."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ def _unix_listener(path: str) -> socket.socket:
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)  # stale: nobody is listening on it
+            try:
+                os.unlink(path)  # stale: nobody is listening on it
+            except OSError as e:
+                raise ForwardError(f"cannot listen on {path}: stale socket file: {e.strerror or e}") from None
         else:
             raise ForwardError(f"cannot listen on {path}: another process is listening on it")
         finally:
@@ -31,43 +34,79 @@ def _unix_listener(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as e:
         sock.close()
-        raise ForwardError(f"cannot listen on {path}: {e.strerror}") from None
+        raise ForwardError(f"cannot listen on {path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
     return sock
 
 
-def _tcp_listeners(host: str | None, port: int) -> list[socket.socket]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ForwardError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+# Without a bind address ssh -L listens on both loopbacks (getaddrinfo with
+# no name); asking for "localhost" would depend on /etc/hosts, which often
+# lacks "::1 localhost".
+LOOPBACK = [(socket.AF_INET, ("127.0.0.1", 0)), (socket.AF_INET6, ("::1", 0, 0, 0))]
+PORT_ZERO_ATTEMPTS = 20   # port 0: the IPv6 twin of a picked port may be taken; pick again
+
+
+class _TwinPortTaken(Exception):
+    """Port 0: the port picked for the first address is in use on another one."""
+
+
+def _where(family, addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+
+
+def _bind_all(addrs, port: int) -> list[socket.socket]:
     socks = []
-    seen = set()
-    for family, type_, proto, _, addr in infos:
-        if (family, addr[0]) in seen:
-            continue
-        seen.add((family, addr[0]))
-        sock = socket.socket(family, type_, proto)
+    for family, addr in addrs:
+        if port == 0 and socks:
+            addr = (addr[0], socks[0].getsockname()[1]) + tuple(addr[2:])  # one port for all
+        else:
+            addr = (addr[0], port) + tuple(addr[2:])
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            if e.errno == errno.EAFNOSUPPORT and len(addrs) > 1:
+                continue  # no IPv6 in this kernel
+            for s in socks:
+                s.close()
+            raise ForwardError(f"cannot listen on {_where(family, addr)}: {e.strerror or e}") from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and socks:
-                addr = (addr[0], socks[0].getsockname()[1]) + tuple(addr[2:])
             sock.bind(addr)
         except OSError as e:
             sock.close()
-            if e.errno == errno.EADDRNOTAVAIL and len(infos) > 1:
+            if e.errno == errno.EADDRNOTAVAIL and len(addrs) > 1:
                 continue  # e.g. ::1 on a host without IPv6
             for s in socks:
                 s.close()
-            where = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
-            raise ForwardError(f"cannot listen on {where}: {e.strerror}") from None
+            if e.errno == errno.EADDRINUSE and port == 0 and socks:
+                raise _TwinPortTaken() from None
+            raise ForwardError(f"cannot listen on {_where(family, addr)}: {e.strerror or e}") from None
         socks.append(sock)
-    if not socks:
-        raise ForwardError(f"cannot listen on {host}:{port}: no usable address")
     return socks
+
+
+def _tcp_listeners(host: str | None, port: int, loopback: bool = False) -> list[socket.socket]:
+    if loopback:
+        addrs = LOOPBACK
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (socket.gaierror, UnicodeError) as e:  # UnicodeError: IDNA refused the name
+            raise ForwardError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+        addrs = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
+    label = "localhost" if loopback else host or "*"
+    for _ in range(PORT_ZERO_ATTEMPTS):
+        try:
+            socks = _bind_all(addrs, port)
+        except _TwinPortTaken:
+            continue
+        if not socks:
+            raise ForwardError(f"cannot listen on {label}:{port}: no usable address")
+        return socks
+    raise ForwardError(f"cannot listen on {label}:0: no port free on every address")
 
 
 def open_listeners(fwd: LocalForward, gateway_ports: bool = False, backlog: int = 4096) -> list[socket.socket]:
@@ -76,11 +115,11 @@ def open_listeners(fwd: LocalForward, gateway_ports: bool = False, backlog: int 
         socks = [_unix_listener(fwd.listen.path)]
     else:
         host = fwd.listen.host
-        if host is None:
-            host = None if gateway_ports else "localhost"
-        elif host == "":
-            host = None  # "*" or empty: every interface
-        socks = _tcp_listeners(host, fwd.listen.port)
+        if host is None and not gateway_ports:
+            socks = _tcp_listeners(None, fwd.listen.port, loopback=True)
+        else:
+            # None (-g, no bind address), "" or "*": every interface.
+            socks = _tcp_listeners(host or None, fwd.listen.port)
     for s in socks:
         s.listen(backlog)
         s.setblocking(False)

@@ -397,6 +397,13 @@ static void client_reset(struct pump *p, struct conn *c)
 static void conn_finish(struct pump *p, struct conn *c)
 {
     if (c->fd >= 0) {
+        /* Still open here means both directions ended normally (a cut
+           has reset it already). The master armed every client with
+           SO_LINGER 0, so that a worker killed outright resets its
+           clients (the kernel's close then sends RST); disarm it for a
+           normal close, which must deliver what is still queued. */
+        static const struct linger normal = {.l_onoff = 0, .l_linger = 0};
+        setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &normal, sizeof(normal));
         epoll_ctl(p->epfd, EPOLL_CTL_DEL, c->fd, NULL);
         close(c->fd);
         c->fd = -1;

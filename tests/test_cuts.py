@@ -3,6 +3,7 @@ the FIN of a complete response (drain timeout, lost SSH session, failed
 channel open, no session at all)."""
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import socket
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from helpers import connect, extra_sshd, start_pump, tcp_spec
+from testbed.client import download_and_verify
 
 MiB = 1 << 20
 
@@ -105,3 +107,34 @@ def test_clients_reset_before_their_open_cost_no_target_connection(sshd, targets
         opened = targets.stats()["echo"]["accepted"] - before - 1
         assert p.proc.poll() is None, p.stderr()
     assert opened < n // 2, f"{opened} of {n} reset clients still cost a target connection"
+
+
+def test_worker_killed_outright_resets_its_downloads(sshd, targets):
+    """SIGKILL leaves the worker no chance to act: the master armed every
+    client with SO_LINGER 0, so the kernel's own close is a reset. Clients
+    of the other worker are untouched, and normal ends stay normal."""
+    with start_pump(sshd, tcp_spec(targets.tcp["source"]), workers=2) as p:
+        socks = start_stalled_downloads(p.listen[0], 8)
+        victim = p.workers()[0]
+        victim_ports = _client_ports_of(victim)
+        os.kill(victim, signal.SIGKILL)
+        ends = {}
+        for s in socks:
+            port = s.getsockname()[1]
+            if port in victim_ports:
+                ends[port] = read_to_end(s)[0]
+        assert ends and set(ends.values()) == {"reset"}, ends
+        # the survivors' downloads and new ones complete normally
+        with connect(p.listen[0]) as s:
+            assert download_and_verify(s, 8 * MiB, "after-kill") == 8 * MiB
+        for s in socks:
+            if s.getsockname()[1] not in victim_ports:
+                s.close()
+
+
+def _client_ports_of(pid):
+    """Remote ports of the TCP connections process pid holds (its clients)."""
+    from testbed._util import socket_inodes, tcp_ports_by_inode
+
+    ports = tcp_ports_by_inode()
+    return {ports[i][1] for i in socket_inodes(pid) if i in ports}

@@ -14,6 +14,19 @@ import struct
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+def arm_reset(sock: socket.socket) -> None:
+    """Make every close of sock a reset until the pump disarms it after a
+    normal end (pump.c conn_finish). Set by the master on accept: a worker
+    killed with SIGKILL (or dying any other way) then resets its clients
+    when the kernel closes its fds, instead of ending them with a FIN that
+    looks like a complete response."""
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+
+
 def reset_close(sock: socket.socket) -> None:
     """Close sock so that its peer sees a reset."""
     try:

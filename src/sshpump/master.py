@@ -21,6 +21,7 @@ import socket
 import time
 from collections import deque
 
+from .cut import arm_reset
 from .dispatch import Dispatcher
 from .errors import ConnectError, ForwardError, SshpumpError
 from .listeners import close_listener, listener_address, open_listeners
@@ -157,6 +158,7 @@ class Master:
                 raise
             if not isinstance(peer, tuple) or not peer:
                 peer = ("127.0.0.1", 0)
+            arm_reset(sock)
             now = time.monotonic()
             self.dispatcher.dispatch(sock, idx, peer[:2], now, now)
 

@@ -92,8 +92,11 @@ def test_kill_worker_mid_transfer(pump, targets):
             results[i] = f"failed: {e!r}"
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
+    for i, t in enumerate(threads):
+        # One after another, each once the previous is carried: connections
+        # from one address whose opens overlap stay on one worker (in order).
         t.start()
+        wait_for(lambda: sum(_conn_counts(p.stderr()).values()) > i, 10, what=f"client {i} open")
     opened.wait()
     err = p.stderr()
     counts = _conn_counts(err)

@@ -54,3 +54,10 @@ def _wipe_exec_environment(name: str) -> None:
         if entry.startswith(prefix):
             ctypes.memset(start + offset, 0, len(entry))
         offset += len(entry) + 1
+
+
+def without_secrets(environ) -> dict:
+    """A copy of environ for a child process, minus sshpump's secrets (a
+    library user's own process may have them set; workers get them over
+    their control socket)."""
+    return {k: v for k, v in environ.items() if k not in (PASSWORD_ENV, PASSPHRASE_ENV)}

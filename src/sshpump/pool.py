@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import fdpass
+from .envsecrets import without_secrets
 from .dispatch import OpenHealth, OpenQueue
 from .options import Options
 from .procsetup import HANDLED_SIGNALS
@@ -86,6 +88,7 @@ class WorkerProcess:
                 [sys.executable, "-m", "sshpump.workerproc", str(child.fileno())],
                 pass_fds=[child.fileno()],
                 stdin=subprocess.DEVNULL,
+                env=without_secrets(os.environ),  # they come over the control socket
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import os
 import random
 import socket
 import termios
@@ -28,7 +27,9 @@ from ssh2.session import LIBSSH2_SESSION_BLOCK_OUTBOUND
 
 from . import session as ssh_session
 from .cut import client_gone, reset_close
+from .describe import err_text, open_reason, peer_text
 from .errors import ChannelOpenError, SshpumpError
+from .keepalive import SEND, KeepaliveClock
 from .options import Options
 from .pump import END_ABORTED, END_NORMAL, END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
 from .spec import LocalForward
@@ -44,19 +45,6 @@ class Client:
     queued_at: float = field(default_factory=time.monotonic)
     opened_at: float = 0.0
     channel: object = None
-
-
-def _open_reason(session) -> str:
-    """libssh2 says e.g. "Channel open failure (administratively prohibited)"."""
-    try:
-        text = session.last_error() or ""
-    except Exception:  # noqa: BLE001 - diagnostics only
-        text = ""
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    if "(" in text and text.endswith(")"):
-        return text[text.rindex("(") + 1 : -1]
-    return text or "channel open failed"
 
 
 class Worker:
@@ -89,8 +77,7 @@ class Worker:
         self._closing = False
         self._reconnect_task = None
         self._timer = None
-        self._ka_seen = 0
-        self._ka_unanswered = 0
+        self.keepalive = KeepaliveClock(opts.server_alive_interval, opts.server_alive_count_max)
         self.next_conn_seq = 0
         self.total_done = 0
         self.skipped_opens = 0  # clients reset before their channel was opened
@@ -117,8 +104,7 @@ class Worker:
             self.pump.set_control(control)
         self.loop.add_reader(self.pump.fileno, self._service)
         self.up = True
-        self._ka_seen = self._rx_mark()
-        self._ka_unanswered = 0
+        self.keepalive.reset(self._rx_mark(), time.monotonic())
         log.info("%s: session up to %s@%s:%d", self.name, self.opts.user, self.opts.host, self.opts.port)
         self.on_state(True, "connected")
         self._service()
@@ -235,8 +221,8 @@ class Worker:
             except sx.ChannelFailure:
                 self._dequeue()
                 self.on_opened(time.monotonic() - client.queued_at)
-                err = ChannelOpenError(str(target), _open_reason(self.session))
-                log.warning("%s: %s (client %s closed)", self.name, err, _peer_text(client))
+                err = ChannelOpenError(str(target), open_reason(self.session))
+                log.warning("%s: %s (client %s closed)", self.name, err, peer_text(client.peer))
                 reset_close(client.sock)
                 self.on_finished(1)
                 continue
@@ -260,7 +246,7 @@ class Worker:
                 cid = self.pump.add(fd, ch)
             except OSError as e:
                 reset_close(socket.socket(fileno=fd))
-                log.warning("%s: cannot carry client %s: %s", self.name, _peer_text(client), e)
+                log.warning("%s: cannot carry client %s: %s", self.name, peer_text(client.peer), e)
                 self.on_finished(1)
                 continue
             self.active[cid] = client
@@ -268,7 +254,7 @@ class Worker:
             if self.opts.verbose:
                 log.info(
                     "%s: conn %d open %s -> %s (%.1f ms after accept)",
-                    self.name, cid, _peer_text(client), target, (client.opened_at - client.queued_at) * 1000,
+                    self.name, cid, peer_text(client.peer), target, (client.opened_at - client.queued_at) * 1000,
                 )
         if self.pump is not None:
             self.pump.want_in(False)
@@ -292,11 +278,11 @@ class Worker:
                     dur = time.monotonic() - client.opened_at
                     why = END_REASONS.get(reason, str(reason))
                     if err:
-                        why += f" ({_err_text(err)})"
+                        why += f" ({err_text(err)})"
                     log.log(
                         logging.INFO if routine else logging.WARNING,
                         "%s: conn %d closed %s -> %s: up %d bytes, down %d bytes, %.3fs, %s",
-                        self.name, cid, _peer_text(client), client.fwd.target, up, down, dur, why,
+                        self.name, cid, peer_text(client.peer), client.fwd.target, up, down, dur, why,
                     )
             elif kind == EV_SESSION_DEAD:
                 dead = f"libssh2 error {err}"
@@ -324,14 +310,13 @@ class Worker:
         iv = self.opts.server_alive_interval
         return min(iv, 1.0) if iv else 1.0
 
-    def _rx_mark(self):
+    def _rx_mark(self) -> int:
         """Bytes the server has sent: received by libssh2 or waiting in the socket."""
-        st = self.pump.stats()
         try:
             waiting = int.from_bytes(fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little")
         except OSError:
             waiting = 0
-        return st["rx_bytes"] + waiting, st["last_rx"]
+        return self.pump.stats()["rx_bytes"] + waiting
 
     def _tick(self):
         self._timer = self.loop.call_later(self._tick_interval(), self._tick)
@@ -340,20 +325,11 @@ class Worker:
             self._keepalive()
 
     def _keepalive(self):
-        interval = self.opts.server_alive_interval
-        mark, last_rx = self._rx_mark()
-        now = time.monotonic()
-        if mark != self._ka_seen[0]:
-            self._ka_seen = (mark, now)
-            self._ka_unanswered = 0
+        action = self.keepalive.step(self._rx_mark(), time.monotonic())
+        if action is None:
             return
-        if now - self._ka_seen[1] < interval * (self._ka_unanswered + 1):
-            return
-        if self._ka_unanswered >= self.opts.server_alive_count_max:
-            self._session_failed(
-                f"server not responding ({self._ka_unanswered} keepalives unanswered in "
-                f"{interval * self._ka_unanswered:.0f}s)"
-            )
+        if action != SEND:
+            self._session_failed(action)
             return
         if self.pump.can_send_small():
             try:
@@ -361,7 +337,7 @@ class Worker:
             except sx.SSH2Error as e:
                 self._session_failed(f"keepalive failed: {type(e).__name__}")
                 return
-        self._ka_unanswered += 1
+        self.keepalive.sent()
 
     def _expire_pending(self):
         """Clients waiting for a session that is down give up after client_wait."""
@@ -371,7 +347,7 @@ class Worker:
         while self.pending and self.pending[0].queued_at < limit:
             client = self._dequeue()
             log.warning(
-                "%s: closing client %s: no SSH session for %.0fs", self.name, _peer_text(client), self.opts.client_wait
+                "%s: closing client %s: no SSH session for %.0fs", self.name, peer_text(client.peer), self.opts.client_wait
             )
             reset_close(client.sock)
             self.on_finished(1)
@@ -420,17 +396,3 @@ class Worker:
             self.sock.close()
             self.sock = None
         self.up = False
-
-
-def _peer_text(client: Client) -> str:
-    peer = client.peer
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in str(host) else f"{host}:{peer[1]}"
-    return str(peer)
-
-
-def _err_text(err: int) -> str:
-    if err > 0:
-        return os.strerror(err)
-    return f"libssh2 error {err}"

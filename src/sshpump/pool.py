@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import fdpass
 from .envsecrets import without_secrets
@@ -20,8 +20,19 @@ from .options import Options
 from .procsetup import HANDLED_SIGNALS
 from .worker import Worker
 
-if TYPE_CHECKING:
-    from .master import Master
+
+
+class Supervisor(Protocol):
+    """What a worker handle needs of the process that supervises it (the
+    master): declared here so that this module does not depend on it."""
+
+    opts: Options
+    loop: asyncio.AbstractEventLoop
+    stopping: bool
+
+    def flush_waiting(self) -> None: ...
+
+    def respawn(self, worker: "WorkerProcess") -> None: ...
 
 log = logging.getLogger("sshpump")
 
@@ -61,7 +72,7 @@ class LocalWorker:
 class WorkerProcess:
     """A worker process and its control socket."""
 
-    def __init__(self, master: "Master", index: int):
+    def __init__(self, master: Supervisor, index: int):
         self.master = master
         self.index = index
         self.load = 0

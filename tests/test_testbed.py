@@ -33,7 +33,11 @@ def ssh_forward(sshd, spec, **kw):
         yield ("127.0.0.1", lport)
     finally:
         p.terminate()
-        p.wait(10)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:  # ssh lingers on a channel the test left open
+            p.kill()
+            p.wait()
 
 
 def run_ssh(cmd, **kw):

@@ -2,7 +2,8 @@
 
 ssh2-python's wheel bundles libssh2 1.11.1 built at -O0, and that libssh2
 encrypts one cipher block per OpenSSL call (see
-``libssh2-whole-packet-crypt.patch``). We build the same libssh2 source,
+``libssh2-whole-packet-crypt.patch``, and ``libssh2-channel-abort.patch``
+for a close that tells the server the stream was cut). We build the same libssh2 source,
 patched and optimised, as a drop-in for the bundled copy:
 
 - source: the ssh2-python 1.2.0.post1 sdist (the exact libssh2 its wheel
@@ -34,7 +35,11 @@ import tempfile
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATCH = os.path.join(HERE, "libssh2-whole-packet-crypt.patch")
+# Applied in this order; each is written so that libssh2 upstream could take it.
+PATCHES = [os.path.join(HERE, name) for name in (
+    "libssh2-whole-packet-crypt.patch",   # one OpenSSL call per packet, several packets per recv()
+    "libssh2-channel-abort.patch",        # libssh2_channel_abort(): CLOSE without EOF
+)]
 IDENT_SOURCE = os.path.join(HERE, "libssh2_ident.c")
 
 SDIST_NAME = "ssh2_python-1.2.0.post1.tar.gz"
@@ -170,15 +175,16 @@ def extract_libssh2(data: bytes, dest: str) -> str:
     return os.path.join(dest, "libssh2")
 
 
-def apply_patch(root: str) -> None:
+def apply_patches(root: str) -> None:
     if not shutil.which("patch"):
         raise BuildError("the 'patch' program is missing: apt-get install patch")
-    r = subprocess.run(
-        ["patch", "-p1", "--batch", "--forward", "-i", PATCH],
-        cwd=root, capture_output=True, text=True,
-    )
-    if r.returncode != 0:
-        raise BuildError(f"{os.path.basename(PATCH)} does not apply: {r.stdout.strip()} {r.stderr.strip()}")
+    for path in PATCHES:
+        r = subprocess.run(
+            ["patch", "-p1", "--batch", "--forward", "-i", path],
+            cwd=root, capture_output=True, text=True,
+        )
+        if r.returncode != 0:
+            raise BuildError(f"{os.path.basename(path)} does not apply: {r.stdout.strip()} {r.stderr.strip()}")
 
 
 def wheel_libs() -> tuple[str, str]:
@@ -251,7 +257,7 @@ def build(outdir: str, cflags: list[str] = (), ldflags: list[str] = ()) -> str:
     os.makedirs(outdir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sshpump-libssh2-") as tmp:
         root = extract_libssh2(data, tmp)
-        apply_patch(root)
+        apply_patches(root)
         objs = compile_all(root, tmp, list(cflags))
         out = os.path.join(outdir, soname)
         cmd = [os.environ.get("CC", "gcc"), "-shared", "-o", out + ".tmp", *objs,
@@ -264,8 +270,10 @@ def build(outdir: str, cflags: list[str] = (), ldflags: list[str] = ()) -> str:
         if r.returncode != 0:
             raise BuildError(f"linking libssh2 failed: {r.stderr.strip()}")
         os.replace(out + ".tmp", out)
-    with open(PATCH, "rb") as f:
-        patch_sha = sha256(f.read())
+    patch_sha = {}
+    for path in PATCHES:
+        with open(path, "rb") as f:
+            patch_sha[os.path.basename(path)] = sha256(f.read())
     with open(out, "rb") as f:
         lib_sha = sha256(f.read())
     with open(os.path.join(outdir, BUILD_INFO), "w") as f:

@@ -35,6 +35,7 @@
  *    are only sent when no send is pending and the socket has room.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <malloc.h>
 #include <poll.h>
@@ -210,6 +211,22 @@ static void tune_malloc_once(void)
     mallopt(M_TRIM_THRESHOLD, 64 << 20);
 }
 
+/* libssh2_channel_abort() (CLOSE without EOF) exists only in sshpump's patched
+   libssh2 (csrc/libssh2-channel-abort.patch): looked up at run time, so the
+   pump also runs on the stock library (SSHPUMP_LIBSSH2=stock), where a cut
+   channel gets EOF + CLOSE like any other. */
+typedef int (*channel_abort_fn)(LIBSSH2_CHANNEL *);
+static channel_abort_fn channel_abort;
+
+static void find_channel_abort(void)
+{
+    static int looked;
+    if (looked)
+        return;
+    looked = 1;
+    *(void **)&channel_abort = dlsym(RTLD_DEFAULT, "libssh2_channel_abort");
+}
+
 struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
                       unsigned long window)
 {
@@ -217,6 +234,7 @@ struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
     struct epoll_event ev;
 
     tune_malloc_once();
+    find_channel_abort();
     p = calloc(1, sizeof(*p));
 
     if (!p)
@@ -529,7 +547,13 @@ static int conn_close_step(struct pump *p, struct conn *c)
         p->out_blocked = 1;
         return 0;
     }
-    r = libssh2_channel_close(c->ch);
+    /* A cut connection closes its channel without EOF, so the server can
+       tell a stream cut short from one that ended; a normal end, or one
+       whose EOF is already out, closes as usual. */
+    if (c->reason != PUMP_END_NORMAL && c->up != UP_DONE && channel_abort)
+        r = channel_abort(c->ch);
+    else
+        r = libssh2_channel_close(c->ch);
     if (r == LIBSSH2_ERROR_EAGAIN) {
         if (libssh2_session_block_directions(p->s) &
             LIBSSH2_SESSION_BLOCK_OUTBOUND)

@@ -23,8 +23,9 @@ either an asyncssh server (default) or ``--upstream`` (e.g. the real OpenSSH
 The asyncssh server accepts any user name with public-key auth against
 ``--authorized-keys`` (and ``--password`` if given).  ``direct-tcpip``:
 destination port 1 -> OPEN_ADMINISTRATIVELY_PROHIBITED, port 2 ->
-OPEN_CONNECT_FAILED, anything else is really connected to (dest_host,
-dest_port).  ``direct-streamlocal`` connects to the requested path.
+OPEN_CONNECT_FAILED, port 3 -> an echo inside the server that records in
+``stats`` (``ends``) whether each channel closed after the client's EOF or
+without one; anything else is really connected to (dest_host, dest_port).  ``direct-streamlocal`` connects to the requested path.
 
 Parent-side handle: ``FaultServer`` (context manager), see its docstring.
 """
@@ -47,6 +48,7 @@ from ._util import Service, stop_child
 
 ADMIN_PROHIBITED_PORT = 1
 CONNECT_FAILED_PORT = 2
+RECORD_PORT = 3   # an echo inside the server that records how each channel ended
 
 
 # --------------------------------------------------------------------------
@@ -58,6 +60,8 @@ class _State:
         self.accepted = 0
         self.hung = False
         self.server = None
+        # channels to RECORD_PORT: closed after the client's EOF, or without one
+        self.ends = {"eof_then_close": 0, "close_without_eof": 0}
         self.port = 0
 
 
@@ -198,8 +202,38 @@ async def _handle(cmd, factory):
         return {"ok": True}
     if cmd == "stats":
         return {"ok": True, "accepted": ST.accepted, "active": len(ST.pairs),
-                "hung": ST.hung, "listening": ST.server is not None}
+                "hung": ST.hung, "listening": ST.server is not None, "ends": dict(ST.ends)}
     return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+class _RecordingEcho:
+    """A direct-tcpip channel served inside the server (an asyncssh
+    SSHTCPSession): echoes, and records whether the client sent EOF before
+    the channel closed -- what a forwarder's "cut" looks like to a server."""
+
+    def connection_made(self, chan):
+        self.chan = chan
+        self.eof = False
+
+    def session_started(self):
+        pass
+
+    def data_received(self, data, datatype):
+        self.chan.write(data)
+
+    def eof_received(self):
+        self.eof = True
+        self.chan.write_eof()
+        return True  # keep the channel open until the client closes
+
+    def connection_lost(self, exc):
+        ST.ends["eof_then_close" if self.eof else "close_without_eof"] += 1
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
 
 
 def _make_ssh_server_class(asyncssh, password):
@@ -223,6 +257,8 @@ def _make_ssh_server_class(asyncssh, password):
             if dest_port == CONNECT_FAILED_PORT:
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
                                                 "connect failed (testbed port 2)")
+            if dest_port == RECORD_PORT:
+                return _RecordingEcho()
             return True
 
         def unix_connection_requested(self, dest_path):

@@ -138,3 +138,33 @@ def _client_ports_of(pid):
 
     ports = tcp_ports_by_inode()
     return {ports[i][1] for i in socket_inodes(pid) if i in ports}
+
+
+@pytest.mark.parametrize("selector,cut_without_eof", [("", True), ("stock", False)], ids=["patched", "stock"])
+def test_server_sees_a_cut_channel_closed_without_eof(selector, cut_without_eof):
+    """The server side of a cut: CLOSE without EOF (libssh2_channel_abort,
+    sshpump's patched libssh2), so it can tell a cut from an end. A normal
+    end sends EOF first. On the stock library a cut also sends EOF."""
+    from helpers import clean_env
+    from testbed.faultserver import RECORD_PORT, FaultServer
+
+    with FaultServer() as fault:
+        with start_pump(fault, f"0:127.0.0.1:{RECORD_PORT}", workers=0,
+                        env=clean_env({"SSHPUMP_LIBSSH2": selector})) as p:
+            with connect(p.listen[0]) as s:            # a normal end
+                s.sendall(b"hello")
+                s.shutdown(socket.SHUT_WR)
+                assert read_to_end(s) == ("eof", 5)
+            s = connect(p.listen[0])                   # a cut: the client resets mid-stream
+            s.sendall(b"x" * 1000)
+            assert s.recv(1000)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and sum(fault.stats()["ends"].values()) < 2:
+                time.sleep(0.05)
+        ends = fault.stats()["ends"]
+    if cut_without_eof:
+        assert ends == {"eof_then_close": 1, "close_without_eof": 1}, ends
+    else:
+        assert ends == {"eof_then_close": 2, "close_without_eof": 0}, ends

@@ -31,6 +31,7 @@ PKGS=(
     psmisc              # fuser
     procps
     iperf3              # two-way traffic test (tests/test_bidir.py)
+    iproute2            # ip netns / veth: the partition tests (testbed/netns.py)
     # building sshpump's patched libssh2 (csrc/build_libssh2.py)
     gcc
     patch

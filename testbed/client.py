@@ -21,6 +21,7 @@ __all__ = [
     "echo_roundtrip",
     "upload_and_verify",
     "download_and_verify",
+    "download_until_cut",
 ]
 
 BUFSIZE = 1 << 20
@@ -118,6 +119,16 @@ def echo_roundtrip(sock, payload: bytes, *, half_close: bool = False) -> bytes:
     return n
 
 
+def _paced(got: int, t0: float, rate: float | None, progress) -> None:
+    """After a read: report progress, and sleep to keep to ``rate`` bytes/s."""
+    if progress is not None:
+        progress(got)
+    if rate:
+        ahead = got / rate - (time.monotonic() - t0)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 def upload_and_verify(sock, nbytes: int, seed: str, *, chunk: int = DEFAULT_CHUNK) -> int:
     """Stream ``nbytes`` of pattern ``seed`` to a sink server, half-close,
     read its ``"<nbytes> <sha256hex>\\n"`` reply and compare.  Returns nbytes."""
@@ -152,12 +163,7 @@ def download_and_verify(sock, nbytes: int, seed: str, *, chunk: int = DEFAULT_CH
             break
         h.update(view[:r])
         got += r
-        if progress is not None:
-            progress(got)
-        if rate:
-            ahead = got / rate - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
+        _paced(got, t0, rate, progress)
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -168,3 +174,43 @@ def download_and_verify(sock, nbytes: int, seed: str, *, chunk: int = DEFAULT_CH
     if h.hexdigest() != exp:
         raise AssertionError(f"download of seed {seed!r}: sha256 mismatch over {nbytes} bytes")
     return nbytes
+
+
+def download_until_cut(sock, nbytes: int, seed: str, *, rate: float | None = None, progress=None,
+                       limit_s: float = 60.0) -> tuple[str, int]:
+    """For a download that is meant to be cut: ask a source server for
+    ``nbytes`` of pattern ``seed`` and read until the stream ends, checking
+    every byte against the pattern as it arrives. Returns ("eof" | "reset",
+    bytes received); AssertionError on a wrong byte or if the stream neither
+    ends nor is reset within ``limit_s``. ``rate``/``progress`` as in
+    download_and_verify."""
+    sock.sendall(f"{nbytes} {seed}\n".encode())
+    sock.settimeout(limit_s)
+    expected = pattern_chunks(seed, nbytes)
+    chunk, pos = b"", 0
+    buf = bytearray(BUFSIZE)
+    view = memoryview(buf)
+    got = 0
+    t0 = time.monotonic()
+    while True:
+        try:
+            r = sock.recv_into(view, BUFSIZE)
+        except ConnectionResetError:
+            return "reset", got
+        except TimeoutError:
+            raise AssertionError(f"download of seed {seed!r}: neither ended nor reset within {limit_s}s") from None
+        if r == 0:
+            return "eof", got
+        i = 0
+        while i < r:
+            if pos == len(chunk):
+                chunk, pos = next(expected, b""), 0
+                if not chunk:
+                    raise AssertionError(f"download of seed {seed!r}: more than {nbytes} bytes")
+            n = min(r - i, len(chunk) - pos)
+            if view[i:i + n] != chunk[pos:pos + n]:
+                raise AssertionError(f"download of seed {seed!r}: wrong bytes within {got + i}..{got + i + n}")
+            i += n
+            pos += n
+        got += r
+        _paced(got, t0, rate, progress)

@@ -93,7 +93,8 @@ class Sshd(Service):
     Constructor::
 
         Sshd(permit_open=None, allow_tcp_forwarding=True, extra_config=None,
-             user="sshpump-test", host_key_types=("ed25519", "ecdsa"), ipv6=None)
+             user="sshpump-test", host_key_types=("ed25519", "ecdsa"), ipv6=None,
+             netns=None, host=None)
 
     * ``permit_open``: value for ``PermitOpen`` (str, or list joined by spaces),
       e.g. ``"127.0.0.1:5432"`` or ``"none"``.
@@ -101,8 +102,11 @@ class Sshd(Service):
     * ``extra_config``: {keyword: value}; overrides defaults (case-insensitive);
       value ``None`` drops a default; a list value repeats the keyword.
     * ``ipv6``: also listen on ::1 (default: if the host has IPv6 loopback).
+    * ``netns``: run sshd inside that network namespace (``ip netns exec``),
+      listening on ``host`` alone (an address of the namespace, e.g.
+      testbed.netns.Netns.addr); forwarded connections then start there too.
 
-    Attributes: host ("127.0.0.1"), port, user, password, client_key,
+    Attributes: host ("127.0.0.1" unless given), port, user, password, client_key,
     client_key_encrypted, client_key_passphrase, known_hosts,
     wrong_known_hosts, host_keys (private key paths), host_public_keys
     ("type base64" strings), tmpdir, config_path, log_path, pid, proc, ipv6,
@@ -116,9 +120,16 @@ class Sshd(Service):
     host = "127.0.0.1"
 
     def __init__(self, permit_open=None, allow_tcp_forwarding=True, extra_config=None,
-                 user: str = DEFAULT_USER, host_key_types=("ed25519", "ecdsa"), ipv6=None):
+                 user: str = DEFAULT_USER, host_key_types=("ed25519", "ecdsa"), ipv6=None,
+                 netns: str | None = None, host: str | None = None):
         if os.geteuid() != 0:
             raise RuntimeError("testbed.Sshd must run as root")
+        if (netns is None) != (host is None):
+            raise ValueError("Sshd: netns and host go together")
+        self.netns = netns
+        if host is not None:
+            self.host = host
+            ipv6 = False
         self.permit_open = permit_open
         self.allow_tcp_forwarding = allow_tcp_forwarding
         self.extra_config = dict(extra_config or {})
@@ -172,7 +183,7 @@ class Sshd(Service):
             atf = "yes" if atf else "no"
         items = {
             "Port": str(self.port),
-            "ListenAddress": ["127.0.0.1"] + (["::1"] if self.ipv6 else []),
+            "ListenAddress": [self.host] + (["::1"] if self.ipv6 else []),
             "AddressFamily": "any" if self.ipv6 else "inet",
             "HostKey": list(self.host_keys),
             "PidFile": self.pid_file,
@@ -225,10 +236,13 @@ class Sshd(Service):
             f.write("\n".join(lines) + "\n")
         os.chmod(self.config_path, 0o644)
 
-    def known_hosts_for(self, port: int, hosts=("127.0.0.1", "localhost", "::1"),
+    def known_hosts_for(self, port: int, hosts=None,
                         wrong: bool = False, path: str | None = None) -> str:
         """Write a known_hosts file pinning this server's host keys (or the
-        wrong ones) for ``[host]:port`` -- e.g. for a proxy in front of it."""
+        wrong ones) for ``[host]:port`` -- e.g. for a proxy in front of it.
+        Default hosts: 127.0.0.1, localhost, ::1 and this server's host."""
+        if hosts is None:
+            hosts = tuple(dict.fromkeys(("127.0.0.1", "localhost", "::1", self.host)))
         keys = self.wrong_host_public_keys if wrong else self.host_public_keys
         names = ",".join(h if port == 22 else f"[{h}]:{port}" for h in hosts)
         if path is None:
@@ -251,10 +265,11 @@ class Sshd(Service):
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self.config_path],
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            self.proc = subprocess.Popen([*prefix, SSHD, "-D", "-e", "-f", self.config_path],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True)
-        want_v4 = f"Server listening on 127.0.0.1 port {port}."
+        want_v4 = f"Server listening on {self.host} port {port}."
         want_v6 = f"Server listening on ::1 port {port}."
         deadline = time.monotonic() + timeout
         while True:

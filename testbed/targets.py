@@ -224,14 +224,18 @@ def main(argv=None):
 
 
 class Targets(Service):
-    """Start ``python -m testbed.targets`` in a child process.
+    """Start ``python -m testbed.targets`` in a child process; with ``netns``
+    inside that network namespace (``ip netns exec``), listening on ``host``.
 
     Attributes after start: ``tcp`` (dict kind -> (host, port); kinds echo,
     sink, source, refuse, stats), ``unix`` (dict kind -> socket path; echo,
     sink, source, refuse), ``unix_dir``, ``pid``, ``proc``.
     """
 
-    def __init__(self, unix_dir: str | None = None, cache_mb: int = 1024):
+    def __init__(self, unix_dir: str | None = None, cache_mb: int = 1024, netns: str | None = None,
+                 host: str = "127.0.0.1"):
+        self.netns = netns
+        self.host = host
         self._own_dir = unix_dir is None
         self.unix_dir = unix_dir or tempfile.mkdtemp(prefix="sshpump-targets-")
         os.chmod(self.unix_dir, 0o755)
@@ -244,9 +248,10 @@ class Targets(Service):
     def start(self):
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "testbed.targets", "--unix-dir", self.unix_dir,
-             "--cache-mb", str(self.cache_mb)],
+            [*prefix, sys.executable, "-m", "testbed.targets", "--unix-dir", self.unix_dir,
+             "--cache-mb", str(self.cache_mb), "--host", self.host],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT)
         line = self.proc.stdout.readline()
         if not line:

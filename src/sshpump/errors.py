@@ -23,6 +23,12 @@ class ConnectError(SshpumpError, ConnectionError):
     exit_code = 3
 
 
+class ConnectTimeoutError(ConnectError):
+    """Nothing answered the TCP connect within ConnectTimeout (a partition,
+    a host that is down, a firewall that drops): a reconnecting worker
+    tries again soon, without growing its backoff (see backoff.py)."""
+
+
 class HostKeyError(SshpumpError, ConnectionError):
     """The server's host key is unknown or does not match known_hosts: the
     connection is refused, so it is a ConnectionError like ConnectError."""

@@ -26,7 +26,8 @@ from ssh2.session import (
     Session,
 )
 
-from .errors import AuthError, ConnectError, HostKeyError
+from . import tcpconn
+from .errors import AuthError, ConnectError, ConnectTimeoutError, HostKeyError
 from .options import Options
 
 log = logging.getLogger("sshpump")
@@ -163,11 +164,11 @@ def connect(opts: Options):
     non-blocking, host key verified."""
     timeout = opts.connect_timeout
     try:
-        sock = socket.create_connection((opts.host, opts.port), timeout=timeout)
+        sock = tcpconn.connect(opts.host, opts.port, timeout)
     except socket.gaierror as e:
         raise ConnectError(f"cannot resolve {opts.host}: {e.strerror}") from None
     except TimeoutError:
-        raise ConnectError(f"connection to {opts.host} port {opts.port} timed out") from None
+        raise ConnectTimeoutError(f"connection to {opts.host} port {opts.port} timed out") from None
     except OSError as e:
         raise ConnectError(f"connect to {opts.host} port {opts.port}: {e.strerror or e}") from None
     try:
@@ -189,6 +190,9 @@ def connect(opts: Options):
         except sx.SSH2Error as e:
             raise ConnectError(f"{opts.host}: session failed during auth: {_auth_error_text(e)}") from None
         control = _open_control_channel(session, opts)
+        cap = tcpconn.cap_retransmit(sock)
+        log.debug("%s: TCP retransmissions %s", opts.host,
+                  f"at most {cap} ms apart" if cap else "uncapped (kernel before 6.15)")
         session.set_timeout(0)
         session.keepalive_config(True, 1)  # we decide when; libssh2 only rate-limits
         session.set_blocking(False)

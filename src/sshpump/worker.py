@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import random
 import socket
 import termios
 import time
@@ -26,9 +25,10 @@ from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
 from ssh2.session import LIBSSH2_SESSION_BLOCK_OUTBOUND
 
 from . import session as ssh_session
+from .backoff import Backoff
 from .cut import client_gone, reset_close
 from .describe import err_text, open_reason, peer_text
-from .errors import ChannelOpenError, SshpumpError
+from .errors import ChannelOpenError, ConnectTimeoutError, SshpumpError
 from .keepalive import SEND, KeepaliveClock
 from .options import Options
 from .pump import END_ABORTED, END_NORMAL, END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
@@ -115,21 +115,20 @@ class Worker:
         self._reconnect_task = self.loop.create_task(self._reconnect_loop(reason, first))
 
     async def _reconnect_loop(self, reason, first):
-        delay = 0.0 if first else 0.5
+        backoff = Backoff(self.opts.reconnect_max, first)
         attempt = 0
         try:
             while not self._closing:
-                if delay:
-                    # Jitter spreads workers' logins so that sshd's MaxStartups
-                    # does not drop them in a burst.
-                    await asyncio.sleep(delay * (0.5 + random.random()))
+                pause = backoff.pause()
+                if pause:
+                    await asyncio.sleep(pause)
                 attempt += 1
                 try:
                     await self._connect()
                     return
                 except SshpumpError as e:
                     log.warning("%s: reconnect attempt %d failed: %s", self.name, attempt, e)
-                delay = min(max(delay * 2, 0.5), self.opts.reconnect_max)
+                    backoff.failed(answered=not isinstance(e, ConnectTimeoutError))
         finally:
             self._reconnect_task = None
 

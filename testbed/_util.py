@@ -175,6 +175,26 @@ def stop_child(proc, grace: float = 5.0) -> None:
         proc.stdout.close()
 
 
+def start_module(module: str, *args: str, prefix=()):
+    """Start ``python -m module args`` (``prefix`` first, e.g. ``ip netns
+    exec NAME``) with the test bed importable and stdin/stdout as pipes, and
+    read the one JSON line it reports on start. Returns (Popen, that dict)."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", module, *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root)
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise RuntimeError(f"{module} exited with {proc.returncode} before reporting")
+    return proc, json.loads(line)
+
+
 class Service:
     """Lifecycle shared by the test bed's servers: ``start()`` returns self,
     ``stop()`` ends the processes, ``close()`` also removes ``tmpdir``; as a
@@ -204,3 +224,15 @@ class Service:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ChildService(Service):
+    """A Service that is one child process, ``proc``, which stops when its
+    stdin closes (see stop_child)."""
+
+    proc = None
+
+    def stop(self):
+        if self.proc is not None:
+            stop_child(self.proc)
+            self.proc = None

@@ -29,13 +29,11 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 
-from . import REPO_ROOT
-from ._util import Service, stop_child, tune_socket
+from ._util import Service, start_module, stop_child, tune_socket
 from .data import pattern_chunks, set_cache_limit
 
 BUFSIZE = 1 << 20
@@ -246,18 +244,9 @@ class Targets(Service):
         self.pid = None
 
     def start(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "testbed.targets", "--unix-dir", self.unix_dir,
-             "--cache-mb", str(self.cache_mb), "--host", self.host],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT)
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            raise RuntimeError(f"testbed.targets exited with {self.proc.returncode} before reporting")
-        info = json.loads(line)
+        self.proc, info = start_module("testbed.targets", "--unix-dir", self.unix_dir,
+                                       "--cache-mb", str(self.cache_mb), "--host", self.host, prefix=prefix)
         self.pid = info["pid"]
         self.tcp = {k: tuple(v) for k, v in info["tcp"].items()}
         self.unix = dict(info["unix"])

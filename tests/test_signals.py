@@ -105,7 +105,8 @@ def test_signal_during_start_up_removes_the_socket_file(sshd, targets, tmp_path,
             t0 = time.monotonic()
             os.killpg(proc.pid, sig)
             if sig == signal.SIGHUP:  # survived by all: still starting; then stopped
-                workers = wait_for(lambda: children_of(proc.pid), 5, what="workers")
+                workers = wait_for(lambda: len(children_of(proc.pid)) == 2 and children_of(proc.pid), 5,
+                                   what="both workers")
                 time.sleep(1.5)
                 assert proc.poll() is None
                 assert children_of(proc.pid) == workers

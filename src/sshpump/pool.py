@@ -130,10 +130,9 @@ class WorkerProcess:
             kind = msg.get("t")
             if kind in ("up", "down", "fatal"):
                 self.health.clear()
-            if kind == "done":
-                self.load -= msg["n"]
-            elif kind == "resolved":
-                self.opens.resolved(msg["n"])
+            if kind == "counts":
+                self.load -= msg["done"]
+                self.opens.resolved(msg["resolved"])
             elif kind == "opens":
                 self.health.report(msg.get("wait"), msg.get("lat"), time.monotonic())
             elif kind == "up":

@@ -54,6 +54,7 @@ def _first_served(addr, limit):
     return None
 
 
+@pytest.mark.slow  # the partition lasts 25-33 s
 def test_partition_longer_than_keepalives_resets_clients_and_recovers(far_side):
     # Transfers are in flight when the link goes silent for 25 s; keepalives
     # (1 s x 2) declare both sessions dead within seconds. Their clients must
@@ -120,6 +121,7 @@ def _rto_cap_available() -> bool:
             return False
 
 
+@pytest.mark.slow  # the partition lasts 25-33 s
 def test_session_with_data_in_flight_resumes_promptly_after_partition(far_side):
     # Issue 7 item 7: after a 30 s partition the first new connection took
     # 25 s. The session had data in flight when the link went, so the kernel

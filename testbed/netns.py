@@ -14,8 +14,8 @@ address nobody has, so every frame reaches the far veth end as another
 host's and is dropped there; ``heal()`` points them back. (Taking a veth end
 down is not silent: neighbour resolution fails, the kernel reports "host
 unreachable" to the sending TCP socket, and RFC 6069 then undoes its
-retransmission backoff -- the very delay a real partition causes. This
-kernel has no netem and no tc actions, and iproute2 needs nothing more.)
+retransmission backoff -- the very delay a real partition causes. Nor do
+netem or tc actions help: the test machine's kernel has neither.)
 
 Needs root and iproute2 (``ip``); ``available()`` says once per process
 whether namespaces can be made here, and why not. ``close()`` removes the

@@ -57,14 +57,15 @@ def test_pattern_definition():
 
 
 @pytest.mark.slow
-def test_pattern_speed():
+def test_pattern_stream_is_complete():
+    # Its speed is printed, not asserted (timings belong in bench/): a loaded
+    # machine halves it.
     n = 256 << 20
     t = time.perf_counter()
-    for _ in pattern_chunks("speed", n):
-        pass
+    total = sum(len(c) for c in pattern_chunks("speed", n))
     rate = n / (time.perf_counter() - t) / 1e6
     print(f"pattern generation: {rate:.0f} MB/s")
-    assert rate > 300, rate  # ~600 MB/s unloaded on the 2-core box
+    assert total == n
 
 
 # ---------------------------------------------------------------- targets

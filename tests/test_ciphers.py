@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import connect, extra_sshd, start_pump, tcp_spec
-from test_bulk import NBYTES, _bounded, _check_clean
+from test_bulk import NBYTES, _bounded
 from testbed.client import download_and_verify, upload_and_verify
 
 pytestmark = pytest.mark.slow

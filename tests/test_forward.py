@@ -13,7 +13,7 @@ import pytest
 
 from testbed.client import (download_and_verify, echo_roundtrip, recv_until_eof,
                             upload_and_verify)
-from testbed.data import pattern_bytes, pattern_chunks, pattern_digest
+from testbed.data import pattern_bytes, pattern_digest
 
 from helpers import alive, connect, extra_sshd, start_pump, tcp_spec, vm_rss_kb
 

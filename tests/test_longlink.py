@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import base_args, connect, extra_sshd, start_pump, tcp_spec
+from helpers import connect, extra_sshd, start_pump, tcp_spec
 from testbed.client import download_and_verify, upload_and_verify
 from testbed.delayproxy import DelayProxy
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from testbed._util import wait_for
-from testbed.client import download_and_verify, echo_roundtrip
+from testbed.client import echo_roundtrip
 from testbed.data import pattern_bytes, pattern_digest
 
 from helpers import alive, connect, extra_sshd, fd_count, start_pump, tcp_spec

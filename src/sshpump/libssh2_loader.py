@@ -43,9 +43,6 @@ class Libssh2:
     def kind(self) -> str:
         return "patched" if self.patched else "stock"
 
-    def describe(self) -> str:
-        return f"libssh2 1.11.1 ({self.kind}) {self.path}; {self.openssl}"
-
 
 def _wheel_libs() -> tuple[str, str]:
     """(stock libssh2, libcrypto) bundled in ssh2-python's wheel, found without importing it."""

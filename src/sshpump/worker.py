@@ -80,7 +80,6 @@ class Worker:
         self.keepalive = KeepaliveClock(opts.server_alive_interval, opts.server_alive_count_max)
         self.next_conn_seq = 0
         self.total_done = 0
-        self.skipped_opens = 0  # clients reset before their channel was opened
 
     # ---- session lifecycle -------------------------------------------------
 
@@ -206,7 +205,6 @@ class Worker:
                 # target connection for nobody (a burst of connect+RST).
                 self._dequeue()
                 client.sock.close()
-                self.skipped_opens += 1
                 self.on_finished(1)
                 continue
             shost = client.peer[0] if client.sock.family != socket.AF_UNIX else "127.0.0.1"

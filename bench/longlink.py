@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from testbed._util import free_port, wait_listening
 from testbed.delayproxy import DelayProxy
 from testbed.sshd import Sshd
 
@@ -61,25 +62,6 @@ def _download(addr, nbytes):
         raise RuntimeError(f"downloaded {got} of {nbytes}")
 
 
-def _wait_port(port, proc, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"forwarder exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("forwarder not listening")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Forwarder:
     """A tunnel through the proxy to sshd, forwarding to the sink and source."""
 
@@ -87,11 +69,11 @@ class Forwarder:
         self.name, self.argv_fn = name, argv_fn
 
     def __enter__(self):
-        self.ports = (_free_port(), _free_port())
+        self.ports = (free_port(), free_port())
         self.proc = subprocess.Popen(self.argv_fn(*self.ports), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        _wait_port(self.ports[1], self.proc)
+        wait_listening("127.0.0.1", self.ports[1], 30.0, proc=self.proc)
         return self
 
     def __exit__(self, *exc):

@@ -396,36 +396,37 @@ static void push_event(struct pump *p, int kind, struct conn *c, int err)
     }
 }
 
-/* A connection the pump had to cut must look cut to the client: close with
-   SO_LINGER 0, which sends a TCP reset (a unix socket peer sees
-   ECONNRESET), never a FIN that a client could take for a complete
-   response. At once: the channel's close goes on without the client. */
-static void client_reset(struct pump *p, struct conn *c)
+/* Close the client socket; reset: with SO_LINGER 0 (a TCP reset), else
+   with lingering off (a normal close that delivers what is queued). */
+static void client_close(struct pump *p, struct conn *c, int reset)
 {
-    static const struct linger rst = {.l_onoff = 1, .l_linger = 0};
+    const struct linger lg = {.l_onoff = reset, .l_linger = 0};
     if (c->fd < 0)
         return;
     epoll_ctl(p->epfd, EPOLL_CTL_DEL, c->fd, NULL);
-    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &rst, sizeof(rst));
+    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     close(c->fd);
     c->fd = -1;
+}
+
+/* A connection the pump had to cut must look cut to the client: a TCP
+   reset, never a FIN that a client could take for a complete response (a
+   unix-socket peer can only see the end of the stream). At once: the
+   channel's close goes on without the client. */
+static void client_reset(struct pump *p, struct conn *c)
+{
+    client_close(p, c, 1);
 }
 
 /* The connection is over: close the client, report, recycle the id. */
 static void conn_finish(struct pump *p, struct conn *c)
 {
-    if (c->fd >= 0) {
-        /* Still open here means both directions ended normally (a cut
-           has reset it already). The master armed every client with
-           SO_LINGER 0, so that a worker killed outright resets its
-           clients (the kernel's close then sends RST); disarm it for a
-           normal close, which must deliver what is still queued. */
-        static const struct linger normal = {.l_onoff = 0, .l_linger = 0};
-        setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &normal, sizeof(normal));
-        epoll_ctl(p->epfd, EPOLL_CTL_DEL, c->fd, NULL);
-        close(c->fd);
-        c->fd = -1;
-    }
+    /* Still open here means both directions ended normally (a cut has
+       reset it already). The master armed every client with SO_LINGER 0,
+       so that a worker killed outright resets its clients (the kernel's
+       close then sends RST); disarm it for a normal close, which must
+       deliver what is still queued. */
+    client_close(p, c, 0);
     conn_release_buffers(p, c);
     set_owed(p, c, 0, 0);
     push_event(p, PUMP_EV_DONE, c, c->err);

@@ -175,6 +175,24 @@ def stop_child(proc, grace: float = 5.0) -> None:
         proc.stdout.close()
 
 
+def report_and_serve(info: dict) -> None:
+    """The child side of start_module: report ``info`` as one JSON line, then
+    serve (other threads do the work) until stdin reaches EOF or SIGTERM."""
+    import json
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+    try:
+        while sys.stdin.buffer.read(65536):
+            pass
+    except (OSError, KeyboardInterrupt):
+        pass
+    os._exit(0)
+
+
 def start_module(module: str, *args: str, prefix=()):
     """Start ``python -m module args`` (``prefix`` first, e.g. ``ip netns
     exec NAME``) with the test bed importable and stdin/stdout as pipes, and

@@ -22,17 +22,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
-from . import REPO_ROOT
-from ._util import Service, stop_child, tune_socket
+from ._util import ChildService, report_and_serve, start_module, tune_socket
 
 CHUNK = 1 << 20
 
@@ -124,41 +119,21 @@ def main(argv=None):
             _relay(conn, (host, int(port)), a.delay, a.max_queue)
 
     threading.Thread(target=accept_loop, daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    sys.stdout.write(json.dumps({"pid": os.getpid(), "listen": list(lsock.getsockname()[:2])}) + "\n")
-    sys.stdout.flush()
-    try:
-        while sys.stdin.buffer.read(65536):
-            pass
-    except (OSError, KeyboardInterrupt):
-        pass
-    os._exit(0)
+    report_and_serve({"pid": os.getpid(), "listen": list(lsock.getsockname()[:2])})
 
 
-class DelayProxy(Service):
+class DelayProxy(ChildService):
     """``python -m testbed.delayproxy`` in a child process; ``listen`` is its address."""
 
     def __init__(self, target, delay: float):
         self.target, self.delay = tuple(target), delay
-        self.proc = None
         self.listen = None
 
     def start(self):
-        env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "testbed.delayproxy", "--to", f"{self.target[0]}:{self.target[1]}",
-             "--delay", str(self.delay)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT)
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            raise RuntimeError(f"testbed.delayproxy exited with {self.proc.returncode} before reporting")
-        self.listen = tuple(json.loads(line)["listen"])
+        self.proc, info = start_module("testbed.delayproxy", "--to", f"{self.target[0]}:{self.target[1]}",
+                                       "--delay", str(self.delay))
+        self.listen = tuple(info["listen"])
         return self
-
-    def stop(self):
-        if self.proc is not None:
-            stop_child(self.proc)
-            self.proc = None
 
 
 if __name__ == "__main__":

@@ -27,13 +27,11 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
-import sys
 import tempfile
 import threading
 
-from ._util import Service, start_module, stop_child, tune_socket
+from ._util import Service, report_and_serve, start_module, stop_child, tune_socket
 from .data import pattern_chunks, set_cache_limit
 
 BUFSIZE = 1 << 20
@@ -210,15 +208,7 @@ def main(argv=None):
     info["tcp"]["stats"] = list(st.getsockname()[:2])
     threading.Thread(target=_stats_loop, args=(st,), daemon=True, name="stats").start()
 
-    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-    sys.stdout.write(json.dumps(info) + "\n")
-    sys.stdout.flush()
-    try:
-        while sys.stdin.buffer.read(65536):
-            pass
-    except (OSError, KeyboardInterrupt):
-        pass
-    os._exit(0)
+    report_and_serve(info)
 
 
 class Targets(Service):

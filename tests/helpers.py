@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from testbed._util import children_of, kill_pids
@@ -283,3 +284,24 @@ def extra_sshd(session_sshd, **kw):
     s = Sshd(**kw)
     s.password = session_sshd.password
     return s
+
+
+def run_concurrently(fns, limit: float, what: str = "a task"):
+    """Run each fn in its own thread at once; assert that all finish within
+    ``limit`` seconds and none raised (the first error is re-raised)."""
+    errors = []
+
+    def run(fn):
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(fn,), daemon=True) for fn in fns]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + limit
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"{what} did not finish within {limit:g}s"
+    if errors:
+        raise errors[0]

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from helpers import connect, start_pump, tcp_spec
+from helpers import connect, run_concurrently, start_pump, tcp_spec
+from testbed._util import free_port
 from testbed.client import download_and_verify, echo_roundtrip, upload_and_verify
 
 MiB = 1 << 20
@@ -81,14 +82,6 @@ def test_upload_and_download_at_once_both_progress_intact(sshd, targets, workers
     echo both ways on one connection: all checksummed, none starved."""
     with start_pump(sshd, tcp_spec(targets.tcp["sink"]), tcp_spec(targets.tcp["source"]),
                     tcp_spec(targets.tcp["echo"]), workers=workers) as p:
-        errors = []
-
-        def run(fn):
-            try:
-                fn()
-            except BaseException as e:  # noqa: BLE001 - asserted below
-                errors.append(e)
-
         def up():
             with connect(p.listen[0], 120) as s:
                 upload_and_verify(s, 256 * MiB, "bidir-up")
@@ -101,19 +94,13 @@ def test_upload_and_download_at_once_both_progress_intact(sshd, targets, workers
             with connect(p.listen[2], 120) as s:
                 echo_roundtrip(s, bytes(range(256)) * (256 * 1024), half_close=True)
 
-        threads = [threading.Thread(target=run, args=(f,)) for f in (up, down, echo)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(240)
-        assert not any(t.is_alive() for t in threads), "a direction stalled"
-        assert not errors, errors
+        run_concurrently([up, down, echo], 240, "a direction (stalled?)")
         assert p.proc.poll() is None, p.stderr()
 
 
 @pytest.mark.skipif(not shutil.which("iperf3"), reason="iperf3 is not installed")
 def test_iperf3_bidir_through_default_workers(sshd):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(["iperf3", "-s", "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
@@ -131,9 +118,3 @@ def test_iperf3_bidir_through_default_workers(sshd):
     finally:
         server.terminate()
         server.wait()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

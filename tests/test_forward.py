@@ -15,7 +15,7 @@ from testbed.client import (download_and_verify, echo_roundtrip, recv_until_eof,
                             upload_and_verify)
 from testbed.data import pattern_bytes, pattern_digest
 
-from helpers import alive, connect, extra_sshd, start_pump, tcp_spec, vm_rss_kb
+from helpers import alive, connect, extra_sshd, run_concurrently, start_pump, tcp_spec, vm_rss_kb
 
 WORKERS = pytest.mark.parametrize("workers", [0, 2], ids=["w0", "w2"])
 
@@ -118,22 +118,13 @@ def test_64mib_up_and_down(pump, targets, workers):
     with connect(p.listen[1], 60) as s:
         download_and_verify(s, n, "down64")
     # and both at once
-    errs = []
-
-    def run(fn, addr, seed):
-        try:
+    def transfer(fn, addr, seed):
+        def go():
             with connect(addr, 60) as s:
                 fn(s, n, seed)
-        except BaseException as e:  # noqa: BLE001
-            errs.append(e)
-    ts = [threading.Thread(target=run, args=(upload_and_verify, p.listen[0], "up64b")),
-          threading.Thread(target=run, args=(download_and_verify, p.listen[1], "down64b"))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    assert not any(t.is_alive() for t in ts), "transfer hung"
-    assert not errs, errs
+        return go
+    run_concurrently([transfer(upload_and_verify, p.listen[0], "up64b"),
+                      transfer(download_and_verify, p.listen[1], "down64b")], 120, "a transfer")
 
 
 @WORKERS

@@ -29,11 +29,7 @@ def arm_reset(sock: socket.socket) -> None:
 
 def reset_close(sock: socket.socket) -> None:
     """Close sock so that its peer sees a reset."""
-    try:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
+    arm_reset(sock)
     sock.close()
 
 

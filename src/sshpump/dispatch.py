@@ -120,8 +120,13 @@ class Dispatcher:
         return stalled
 
     def dispatch(self, sock, idx, peer, since, now):
-        """Hand a client to a worker, or queue it while none can take it."""
-        if self._hand_over(sock, idx, peer, now):
+        """Hand a client to a worker, or queue it while none can take it.
+        Clients already waiting go first: a worker that has come up takes
+        them before this one, and while any still waits this one queues
+        behind them (clients are handed over in accept order)."""
+        if self.waiting:
+            self.flush(now)
+        if not self.waiting and self._hand_over(sock, idx, peer, now):
             return
         if len(self.waiting) >= QUEUE_MAX:
             log.warning("closing client %s: %d clients already waiting for a worker", peer, QUEUE_MAX)
@@ -138,7 +143,8 @@ class Dispatcher:
         return False
 
     def flush(self, now):
-        """Hand queued clients over, oldest first, while workers take them."""
+        """Hand queued clients over, oldest first, while workers take them;
+        the first that none takes stays at the head (tick expires from it)."""
         while self.waiting:
             sock, idx, peer, _ = self.waiting[0]
             if not self._hand_over(sock, idx, peer, now):

@@ -9,21 +9,23 @@ process (``workers=0``) or in worker processes (``workers >= 1``).
 
 from __future__ import annotations
 
-import os
+import asyncio
 import threading
 
-from .master import Master
+from .aio import AsyncTunnel, Forward
 from .options import Options
-from .spec import parse_local_forward
-from .sshopts import check_options
+from .sshopts import build_options
 
 
 class Tunnel:
-    """A running set of forwards. Close it (or use ``with``) to stop."""
+    """A running set of forwards. Close it (or use ``with``) to stop.
 
-    def __init__(self, opts: Options):
+    It runs an aio.AsyncTunnel on an event loop of its own in a background
+    thread; every method here is safe to call from any thread but that one."""
+
+    def __init__(self, opts: Options, control_path: str | None = None):
         self.opts = opts
-        self._master = None
+        self._aio = AsyncTunnel(opts, control_path)
         self._loop = None
         self._thread = None
         self._error = None
@@ -50,33 +52,70 @@ class Tunnel:
             self._stopped.set()
 
     async def _main(self):
-        self._master = Master(self.opts)
         try:
-            await self._master.start()
+            await self._aio.start()
         except BaseException as e:  # reported to the caller of start()
             self._error = e
             self._started.set()
             return
         self._started.set()
-        await self._master.serve()
+        try:
+            await self._aio.wait_closed()
+        except Exception as e:  # noqa: BLE001 - kept for wait_closed() / close()
+            self.error = e
+
+    def _call(self, fn, *args):
+        """Run fn(*args) on the tunnel's loop; its result or its exception."""
+        if self._stopped.is_set():
+            raise RuntimeError("the tunnel is closed")
+
+        async def call():
+            result = fn(*args)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    error = None   # what stopped the tunnel on its own (e.g. AuthError), if anything
+
+    @property
+    def forwards(self) -> list[Forward]:
+        return self._call(lambda: self._aio.forwards)
 
     @property
     def addresses(self):
         """Every listening address: (host, port) tuples and unix paths, in -L order."""
-        return [addr for _, addr in self._master.addresses()]
+        return self._call(lambda: self._aio.addresses)
 
     @property
     def local_address(self):
         """The first forward's listening address: (host, port) or a unix path."""
         return self.addresses[0]
 
+    def add(self, spec: str) -> Forward:
+        """Listen for one more -L spec now; returns the Forward (its id and
+        bound addresses). Raises SpecError or ForwardError."""
+        return self._call(self._aio.add, spec)
+
+    def remove(self, forward) -> None:
+        """Stop listening for a forward (a Forward, its id or its spec) at
+        once; its open connections get the drain timeout to finish."""
+        self._call(self._aio.remove, forward)
+
+    def connections(self) -> list[dict]:
+        """The connections it carries now (id, forward, client, target,
+        worker, state, age, bytes up and down, buffered)."""
+        return self._call(self._aio.connections)
+
+    def stats(self) -> dict:
+        """The tunnel's state, forwards, workers (session up, load, pump
+        buffers) and totals."""
+        return self._call(self._aio.stats)
+
     def close(self, drain_timeout: float | None = None):
         """Stop accepting, let connections finish (up to drain_timeout), stop."""
         if self._loop is None or self._stopped.is_set():
             return
-        if drain_timeout is not None:
-            self.opts.drain_timeout = drain_timeout
-        self._loop.call_soon_threadsafe(self._master.request_stop)
+        self._loop.call_soon_threadsafe(self._aio.close, drain_timeout)
         self._stopped.wait()
         self._thread.join()
 
@@ -87,45 +126,17 @@ class Tunnel:
         self.close()
 
 
-def forward(
-    destination: str,
-    *specs: str,
-    port: int = 22,
-    user: str | None = None,
-    identity: str | list[str] | None = None,
-    password: str | None = None,
-    passphrase: str | None = None,
-    known_hosts: str | list[str] | None = None,
-    strict_host_key_checking: str = "yes",
-    workers: int = 0,
-    **options,
-) -> Tunnel:
+def forward(destination: str, *specs: str, control: str | None = None, **kwargs) -> Tunnel:
     """Start forwards through ``destination`` ("[user@]host") and return the Tunnel.
 
-    ``specs`` are ``-L`` specs exactly as ssh writes them. Remaining keyword
-    arguments set Options fields (connect_timeout, server_alive_interval,
-    exit_on_forward_failure, gateway_ports, window, verbose, ...). Raises
-    UsageError (a ValueError) for a bad argument before anything connects,
-    or another SshpumpError subclass (ConnectError, HostKeyError, AuthError,
-    ForwardError, SpecError) when the tunnel cannot start.
+    ``specs`` are ``-L`` specs exactly as ssh writes them. Keyword arguments:
+    port, user, identity, password, passphrase, known_hosts,
+    strict_host_key_checking, workers, control (a control socket path, as
+    --control) and any Options field (connect_timeout, server_alive_interval,
+    exit_on_forward_failure, gateway_ports, window, drain_timeout, verbose,
+    ...). Raises UsageError (a ValueError) for a bad argument before anything
+    connects, or another SshpumpError subclass (ConnectError, HostKeyError,
+    AuthError, ForwardError, SpecError) when the tunnel cannot start -- with
+    worker processes too.
     """
-    u, _, host = destination.rpartition("@")
-    opts = Options(host=host, port=port, workers=workers)
-    if u or user:
-        opts.user = user or u
-    if identity:
-        opts.identities = [identity] if isinstance(identity, (str, os.PathLike)) else list(identity)
-        opts.identities = [os.path.expanduser(os.fspath(p)) for p in opts.identities]
-    opts.password = password
-    opts.passphrase = passphrase
-    if known_hosts:
-        opts.known_hosts = [known_hosts] if isinstance(known_hosts, (str, os.PathLike)) else list(known_hosts)
-        opts.known_hosts = [os.path.expanduser(os.fspath(p)) for p in opts.known_hosts]
-    opts.strict_host_key_checking = strict_host_key_checking
-    opts.forwards = [parse_local_forward(s) for s in specs]
-    for key, value in options.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"forward() got an unknown option {key!r}")
-        setattr(opts, key, value)
-    check_options(opts)  # bad values fail here, not inside a worker
-    return Tunnel(opts).start()
+    return Tunnel(build_options(destination, specs, **kwargs), control).start()

@@ -1,27 +1,21 @@
-"""``sshpump``: the command line read into Options; the work is in master.Master."""
+"""``sshpump``'s command line read into Options (one tunnel) or a --config
+file path; launch.py runs it."""
 
 from __future__ import annotations
 
 import argparse
-import getpass
-import json
-import logging
-import os
-import sys
 
-from . import envsecrets, validate
+from . import validate
 from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
-from .errors import AuthError, SshpumpError, UsageError
-from .procsetup import raise_fd_limit, setup_logging
-from .master import Master, default_workers
-from .options import Options
+from .errors import UsageError
+from .options import Options, default_workers
 from .spec import parse_local_forward
 from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options
 
-log = logging.getLogger("sshpump")
-
 USAGE = """sshpump [-gv] [-L spec]... [-p port] [-l login] [-i identity_file]
-               [-o option=value]... [--workers N] [--ready-fd FD] [user@]host"""
+               [-o option=value]... [--workers N] [--control PATH] [--ready-fd FD] [user@]host
+       sshpump --config tunnels.toml [--check] [--control PATH] [-v] [--ready-fd FD]
+       sshpump ctl PATH {add -L spec|remove ID|list|connections|stats|reload|drain|stop} [--json]"""
 
 EXIT_CODES = """exit status:
   0  stopped by SIGINT/SIGTERM after draining
@@ -34,7 +28,8 @@ EXIT_CODES = """exit status:
 
 # Options taking a value, read as ssh's getopt reads them (see _getopt_words).
 SHORT_WITH_VALUE = "Lplio"
-LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window")
+LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window", "--control",
+                   "--config")
 # ssh options a user may try; without this argparse reads `-R spec host`
 # with the spec as the destination.
 NOT_SUPPORTED = {
@@ -83,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=version_text(),
                    help="print sshpump's version, the libssh2 in use and OpenSSL's version")
-    p.add_argument("destination", metavar="[user@]host")
+    p.add_argument("destination", metavar="[user@]host", nargs="?")
     p.add_argument("-L", dest="local", action="append", default=[], metavar="spec",
                    help="[bind:]port:host:hostport | [bind:]port:/remote/socket | "
                    "/local/socket:host:hostport | /local/socket:/remote/socket")
@@ -106,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a new client waits while no SSH session is up (default 10)")
     p.add_argument("--window", default=None, metavar="BYTES",
                    help="SSH receive window per channel (default libssh2's 2 MiB); raise it on high-latency links")
+    p.add_argument("--control", default=None, metavar="PATH",
+                   help="serve a control socket at PATH (mode 0600): `sshpump ctl PATH ...` adds and removes "
+                   "forwards, lists connections, drains")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="run the tunnels a TOML file names (several destinations); SIGHUP re-reads it")
+    p.add_argument("--check", action="store_true", help="with --config: check the file, print it, exit")
     return p
 
 
@@ -136,11 +137,41 @@ def _getopt_words(argv: list[str]) -> list[str]:
     return words
 
 
-def parse_command_line(argv: list[str]) -> tuple[Options, argparse.Namespace, bool]:
+# With --config, what belongs to a tunnel is in the file.
+TUNNEL_ONLY = ("local", "port", "login", "identity", "options", "gateway", "workers", "drain_timeout",
+               "client_wait", "window")
+
+
+def _check_config_mode(ns):
+    if ns.config is None:
+        if ns.check:
+            raise UsageError("--check needs --config FILE")
+        if ns.destination is None:
+            raise UsageError("missing destination ([user@]host), or give --config FILE")
+        return
+    if ns.destination is not None:
+        raise UsageError("--config names the destinations: give no [user@]host beside it")
+    given = [k for k in TUNNEL_ONLY if getattr(ns, k) not in (None, [], False)]
+    if given:
+        raise UsageError(f"--config: set {given[0].replace('_', '-')} in the file, per tunnel")
+    ns.config = validate.local_file(ns.config, "--config")
+    if ns.control is not None:
+        ns.control = validate.path(ns.control, "--control", max_bytes=validate.UNIX_PATH_MAX)
+
+
+def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namespace, bool]:
     """argv -> (Options, namespace, BatchMode): parsing and checks only, no
     environment, files or network. Every bad input raises UsageError (one
-    line); -h and --version print and raise SystemExit(0), as argparse does."""
+    line); -h and --version print and raise SystemExit(0), as argparse does.
+    With --config, Options is None: the tunnels come from the file."""
     ns = build_parser().parse_args(_getopt_words(list(argv)))
+    _check_config_mode(ns)
+    if ns.ready_fd is not None:
+        ns.ready_fd = validate.ascii_int(ns.ready_fd, "--ready-fd", 0, MAX_FD)
+    if ns.config is not None:
+        return None, ns, False
+    if ns.control is not None:
+        ns.control = validate.path(ns.control, "--control", max_bytes=validate.UNIX_PATH_MAX)
     user, _, host = ns.destination.rpartition("@")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -168,8 +199,6 @@ def parse_command_line(argv: list[str]) -> tuple[Options, argparse.Namespace, bo
         opts.client_wait = validate.decimal_seconds(ns.client_wait, "--client-wait")
     if ns.window is not None:
         opts.window = validate.ascii_int(ns.window, "--window", 0, MAX_WINDOW)
-    if ns.ready_fd is not None:
-        ns.ready_fd = validate.ascii_int(ns.ready_fd, "--ready-fd", 0, MAX_FD)
     check_options(opts)
     return opts, ns, bool(batch and batch[-1])
 
@@ -177,95 +206,3 @@ def parse_command_line(argv: list[str]) -> tuple[Options, argparse.Namespace, bo
 def one_line(text: str) -> str:
     """Control characters escaped: an error message is one line on stderr."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _key_is_encrypted(path: str) -> bool:
-    import base64
-
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return False
-    if "ENCRYPTED" in text:
-        return True
-    if "BEGIN OPENSSH PRIVATE KEY" in text:
-        body = "".join(line for line in text.splitlines() if not line.startswith("-----"))
-        try:
-            raw = base64.b64decode(body)
-        except ValueError:
-            return False
-        magic = b"openssh-key-v1\0"
-        if raw.startswith(magic):
-            n = int.from_bytes(raw[len(magic) : len(magic) + 4], "big")
-            cipher = raw[len(magic) + 4 : len(magic) + 4 + n]
-            return cipher != b"none"
-    return False
-
-
-async def _run(opts: Options, ns) -> int:
-    master = Master(opts)
-    master.handle_signals()  # before start: a signal during start-up still closes the listeners
-    if not await master.start():
-        log.info("stopped before ready")
-        return 0
-    addrs = master.addresses()
-    for spec, addr in addrs:
-        if not isinstance(addr, str):
-            addr = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-        log.info("listening on %s for -L %s", addr, spec)
-    log.info("ready (pid %d, %d workers)", os.getpid(), opts.workers)
-    if ns.ready_fd is not None:
-        line = json.dumps({"ready": True, "pid": os.getpid(),
-                           "listen": [{"spec": s, "address": a} for s, a in addrs]})
-        try:
-            os.write(ns.ready_fd, (line + "\n").encode())
-            os.close(ns.ready_fd)
-        except OSError as e:
-            log.warning("cannot write readiness to fd %d: %s", ns.ready_fd, e.strerror)
-    await master.serve()
-    log.info("stopped")
-    return 0
-
-
-def main(argv=None) -> int:
-    # Secrets leave the environment first: workers must not inherit them,
-    # nor may /proc/PID/environ show them.
-    password = envsecrets.take(PASSWORD_ENV)
-    passphrase = envsecrets.take(PASSPHRASE_ENV)
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        opts, ns, batch = parse_command_line(argv)
-    except UsageError as e:
-        print(one_line(f"sshpump: {e}"), file=sys.stderr)
-        return e.exit_code
-    opts.password, opts.passphrase = password, passphrase
-    interactive = sys.stdin.isatty() and not batch
-    setup_logging(opts.verbose)
-    raise_fd_limit()
-    if interactive and opts.passphrase is None:
-        for path in opts.identity_files():
-            if _key_is_encrypted(path):
-                opts.passphrase = getpass.getpass(f"Enter passphrase for key '{path}': ")
-                break
-    import uvloop
-
-    while True:
-        try:
-            return uvloop.run(_run(opts, ns))
-        except SshpumpError as e:
-            # Worker processes report auth failures as plain SshpumpError
-            # with AuthError's exit code; the server's methods are in the text.
-            offered = str(e).split("tried:")[0]
-            if (e.exit_code == AuthError.exit_code and interactive and opts.password is None
-                    and "password" in offered):
-                opts.password = getpass.getpass(f"{opts.user}@{opts.host}'s password: ")
-                continue
-            print(one_line(f"sshpump: {e}"), file=sys.stderr)
-            return e.exit_code
-        except KeyboardInterrupt:
-            return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

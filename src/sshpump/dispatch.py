@@ -82,14 +82,17 @@ class OpenQueue:
 
 
 class Dispatcher:
-    """The waiting queue and the pick. ``workers`` is the master's list: each
+    """The waiting queue and the pick. ``workers`` is the tunnel's list: each
     has ``up``, ``load``, ``health`` (OpenHealth), ``label`` and
-    ``submit(sock, fwd_index, peer, opts) -> bool``."""
+    ``submit(sock, ticket, peer, opts) -> bool``. A ticket is opaque here
+    (the tunnel's route and connection number); ``on_dropped(ticket)`` is
+    called for every client closed while it waited."""
 
-    def __init__(self, workers: list, opts):
+    def __init__(self, workers: list, opts, on_dropped=None):
         self.workers = workers
         self.opts = opts
-        self.waiting: deque = deque()   # (sock, fwd_index, peer, since)
+        self.on_dropped = on_dropped or (lambda ticket: None)
+        self.waiting: deque = deque()   # (sock, ticket, peer, since)
 
     def pick(self, now: float, key: str | None = None) -> list:
         """Live workers to try, least loaded first; stalled ones left out
@@ -119,25 +122,26 @@ class Dispatcher:
                 log.warning("%s: channel opens answered again; it takes new clients again", w.label)
         return stalled
 
-    def dispatch(self, sock, idx, peer, since, now):
+    def dispatch(self, sock, ticket, peer, since, now):
         """Hand a client to a worker, or queue it while none can take it.
         Clients already waiting go first: a worker that has come up takes
         them before this one, and while any still waits this one queues
         behind them (clients are handed over in accept order)."""
         if self.waiting:
             self.flush(now)
-        if not self.waiting and self._hand_over(sock, idx, peer, now):
+        if not self.waiting and self._hand_over(sock, ticket, peer, now):
             return
         if len(self.waiting) >= QUEUE_MAX:
             log.warning("closing client %s: %d clients already waiting for a worker", peer, QUEUE_MAX)
             reset_close(sock)
+            self.on_dropped(ticket)
             return
-        self.waiting.append((sock, idx, peer, since))
+        self.waiting.append((sock, ticket, peer, since))
 
-    def _hand_over(self, sock, idx, peer, now) -> bool:
+    def _hand_over(self, sock, ticket, peer, now) -> bool:
         key = client_key(peer)
         for w in self.pick(now, key):
-            if w.submit(sock, idx, peer, self.opts):
+            if w.submit(sock, ticket, peer, self.opts):
                 w.opens.push(key)
                 return True
         return False
@@ -146,8 +150,8 @@ class Dispatcher:
         """Hand queued clients over, oldest first, while workers take them;
         the first that none takes stays at the head (tick expires from it)."""
         while self.waiting:
-            sock, idx, peer, _ = self.waiting[0]
-            if not self._hand_over(sock, idx, peer, now):
+            sock, ticket, peer, _ = self.waiting[0]
+            if not self._hand_over(sock, ticket, peer, now):
                 return
             self.waiting.popleft()
 
@@ -158,11 +162,14 @@ class Dispatcher:
             self.flush(now)
         limit = now - self.opts.client_wait
         while self.waiting and self.waiting[0][3] < limit:
-            sock, _, peer, _ = self.waiting.popleft()
+            sock, ticket, peer, _ = self.waiting.popleft()
             log.warning("closing client %s: no live SSH session for %.0fs", peer, self.opts.client_wait)
             reset_close(sock)
+            self.on_dropped(ticket)
         self.pick(now)
 
     def close(self):
         while self.waiting:
-            reset_close(self.waiting.popleft()[0])
+            sock, ticket, _, _ = self.waiting.popleft()
+            reset_close(sock)
+            self.on_dropped(ticket)

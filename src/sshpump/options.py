@@ -14,6 +14,11 @@ DEFAULT_CIPHERS = (
 STRICT_VALUES = ("yes", "accept-new", "no")
 
 
+def default_workers() -> int:
+    """One worker process per CPU this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def default_identities() -> list[str]:
     home = os.path.expanduser("~/.ssh")
     names = ("id_ed25519", "id_ecdsa", "id_rsa")

@@ -125,7 +125,7 @@ def authenticate(session, opts: Options) -> None:
         for path in opts.identity_files():
             tried.append(path)
             if not os.path.exists(path):
-                log.warning("identity file %s not accessible: No such file", path)
+                log.debug("identity file %s not accessible: No such file", path)  # warned once by the tunnel
                 continue
             for passphrase in ("", opts.passphrase) if opts.passphrase else ("",):
                 try:
@@ -142,7 +142,8 @@ def authenticate(session, opts: Options) -> None:
             log.debug("password auth failed: %s", _auth_error_text(e))
     raise AuthError(
         f"authentication failed for {user}@{opts.host} (server allows: {methods or 'none'}; "
-        f"tried: {', '.join(tried) or 'nothing usable'})"
+        f"tried: {', '.join(tried) or 'nothing usable'})",
+        methods=sorted(allowed),
     )
 
 

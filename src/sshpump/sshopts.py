@@ -1,11 +1,15 @@
-"""ssh's ``-o Option=value`` read into Options, and the check every Options
-passes (CLI and library alike) before anything listens or connects."""
+"""ssh's ``-o Option=value`` and the library's keyword arguments read into
+Options, and the check every Options passes (CLI, library, --config file)
+before anything listens or connects."""
 
 from __future__ import annotations
+
+import os
 
 from . import validate
 from .errors import UsageError
 from .options import DEFAULT_CIPHERS, STRICT_VALUES, Options
+from .spec import parse_local_forward
 
 YES_NO = {"yes": True, "no": False, "true": True, "false": False}
 STRICT_ALIASES = {"true": "yes", "false": "no", "off": "no", "on": "yes"}
@@ -111,3 +115,39 @@ def check_options(opts: Options) -> Options:
     validate.number_in(opts.drain_timeout, "drain_timeout", 0, validate.MAX_SECONDS)
     validate.number_in(opts.client_wait, "client_wait", 0, validate.MAX_SECONDS)
     return opts
+
+
+def build_options(
+    destination: str,
+    specs,
+    *,
+    port: int = 22,
+    user: str | None = None,
+    identity: str | list[str] | None = None,
+    password: str | None = None,
+    passphrase: str | None = None,
+    known_hosts: str | list[str] | None = None,
+    strict_host_key_checking: str = "yes",
+    workers: int = 0,
+    **options,
+) -> Options:
+    """forward()'s arguments as checked Options (shared with aio.forward)."""
+    u, _, host = destination.rpartition("@")
+    opts = Options(host=host, port=port, workers=workers)
+    if u or user:
+        opts.user = user or u
+    if identity:
+        opts.identities = [identity] if isinstance(identity, (str, os.PathLike)) else list(identity)
+        opts.identities = [os.path.expanduser(os.fspath(p)) for p in opts.identities]
+    opts.password = password
+    opts.passphrase = passphrase
+    if known_hosts:
+        opts.known_hosts = [known_hosts] if isinstance(known_hosts, (str, os.PathLike)) else list(known_hosts)
+        opts.known_hosts = [os.path.expanduser(os.fspath(p)) for p in opts.known_hosts]
+    opts.strict_host_key_checking = strict_host_key_checking
+    opts.forwards = [parse_local_forward(s) for s in specs]
+    for key, value in options.items():
+        if key == "forwards" or not hasattr(opts, key):
+            raise TypeError(f"forward() got an unknown option {key!r}")
+        setattr(opts, key, value)
+    return check_options(opts)  # bad values fail here, not inside a worker

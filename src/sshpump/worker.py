@@ -18,7 +18,6 @@ import socket
 import termios
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import ssh2.exceptions as sx
 from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
@@ -26,32 +25,24 @@ from ssh2.session import LIBSSH2_SESSION_BLOCK_OUTBOUND
 
 from . import session as ssh_session
 from .backoff import Backoff
+from .carried import Carried, Client
 from .cut import client_gone, reset_close
-from .describe import err_text, open_reason, peer_text
+from .describe import open_reason, peer_text
 from .errors import ChannelOpenError, ConnectTimeoutError, SshpumpError
 from .keepalive import SEND, KeepaliveClock
 from .options import Options
-from .pump import END_ABORTED, END_NORMAL, END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump
-from .spec import LocalForward
+from .pump import Pump
+from .routes import Route
 
 log = logging.getLogger("sshpump")
-
-
-@dataclass
-class Client:
-    sock: socket.socket
-    fwd: LocalForward
-    peer: tuple
-    queued_at: float = field(default_factory=time.monotonic)
-    opened_at: float = 0.0
-    channel: object = None
 
 
 class Worker:
     """Carries client connections over one SSH session, reconnecting as needed.
 
     ``on_state(up: bool, reason: str)`` is called when the session comes up or
-    goes down; ``on_finished(n)`` when connections end (for load accounting);
+    goes down; ``on_finished(route_id)`` when a connection ends, opened or not
+    (load accounting, per forward);
     ``on_opened(seconds)`` when the server answers a channel open, with the
     time since the client was queued (for routing around a stalled session);
     ``on_resolved(n)`` when n clients leave the open queue, opened or not (the
@@ -63,7 +54,7 @@ class Worker:
         self.opts = opts
         self.name = name
         self.on_state = on_state or (lambda up, reason: None)
-        self.on_finished = on_finished or (lambda n: None)
+        self.on_finished = on_finished or (lambda route_id: None)
         self.on_opened = on_opened or (lambda seconds: None)
         self.on_resolved = on_resolved or (lambda n: None)
         self.loop = None
@@ -73,13 +64,13 @@ class Worker:
         self.pump = None
         self.up = False
         self.pending: deque[Client] = deque()
-        self.active: dict[int, Client] = {}
+        self.carried = Carried(name, opts.verbose, self.on_finished)
+        self.retiring: dict[str, float] = {}   # removed forward -> when its connections are cut
         self._closing = False
         self._reconnect_task = None
         self._timer = None
         self.keepalive = KeepaliveClock(opts.server_alive_interval, opts.server_alive_count_max)
-        self.next_conn_seq = 0
-        self.total_done = 0
+        self.next_conn = 0   # numbers for clients submitted without one (tests, direct use)
 
     # ---- session lifecycle -------------------------------------------------
 
@@ -143,7 +134,7 @@ class Worker:
         except OSError:
             pass
         self.pump.abort(session_dead=True)
-        self._handle_events(self.pump.run())
+        self.carried.handle_events(self.pump.run())
         self.loop.remove_reader(self.pump.fileno)
         self.pump.close()
         self.pump = None
@@ -159,7 +150,7 @@ class Worker:
 
     # ---- connections -------------------------------------------------------
 
-    def submit(self, sock: socket.socket, fwd: LocalForward, peer=None):
+    def submit(self, sock: socket.socket, route: Route, peer=None, conn: int | None = None):
         """Carry one accepted client connection through this worker."""
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -171,7 +162,10 @@ class Worker:
                 peer = ("127.0.0.1", 0)
         if not isinstance(peer, tuple) or not peer:
             peer = ("127.0.0.1", 0)
-        self.pending.append(Client(sock, fwd, peer))
+        if conn is None:
+            conn = self.next_conn
+            self.next_conn += 1
+        self.pending.append(Client(sock, route, peer, conn))
         if self.up:
             self._drive_opens()
 
@@ -183,7 +177,25 @@ class Worker:
 
     @property
     def load(self) -> int:
-        return len(self.pending) + len(self.active)
+        return len(self.pending) + len(self.carried)
+
+    @property
+    def active(self) -> dict:
+        return self.carried.active
+
+    def retire(self, route_id: str, grace: float):
+        """A forward was removed: its connections (open or queued) may
+        finish within grace seconds; then they are cut."""
+        self.retiring[route_id] = time.monotonic() + grace
+
+    def connections(self, worker_index) -> list[dict]:
+        return self.carried.listing(self.pump, self.pending, worker_index)
+
+    def pump_stats(self) -> dict:
+        if self.pump is None:
+            return {"conns": 0, "buffered": 0, "buffers": 0}
+        st = self.pump.stats()
+        return {"conns": st["conns"], "buffered": st["buffered"], "buffers": st["buffers"]}
 
     def oldest_open_wait(self) -> float | None:
         """Seconds the oldest queued client has waited for its channel; None
@@ -199,13 +211,13 @@ class Worker:
         opened = 0
         while self.pending and self.up:
             client = self.pending[0]
-            target = client.fwd.target
+            target = client.route.target
             if client.channel != "opening" and client_gone(client.sock):
                 # Reset while it waited: an open would cost a channel and a
                 # target connection for nobody (a burst of connect+RST).
                 self._dequeue()
                 client.sock.close()
-                self.on_finished(1)
+                self.on_finished(client.route.id)
                 continue
             shost = client.peer[0] if client.sock.family != socket.AF_UNIX else "127.0.0.1"
             sport = client.peer[1] if client.sock.family != socket.AF_UNIX else 0
@@ -221,7 +233,7 @@ class Worker:
                 err = ChannelOpenError(str(target), open_reason(self.session))
                 log.warning("%s: %s (client %s closed)", self.name, err, peer_text(client.peer))
                 reset_close(client.sock)
-                self.on_finished(1)
+                self.on_finished(client.route.id)
                 continue
             except sx.SSH2Error as e:
                 # Any other libssh2 error during an open is session-level
@@ -244,49 +256,19 @@ class Worker:
             except OSError as e:
                 reset_close(socket.socket(fileno=fd))
                 log.warning("%s: cannot carry client %s: %s", self.name, peer_text(client.peer), e)
-                self.on_finished(1)
+                self.on_finished(client.route.id)
                 continue
-            self.active[cid] = client
+            self.carried.add(cid, client)
             opened += 1
             if self.opts.verbose:
                 log.info(
                     "%s: conn %d open %s -> %s (%.1f ms after accept)",
-                    self.name, cid, peer_text(client.peer), target, (client.opened_at - client.queued_at) * 1000,
+                    self.name, client.conn, peer_text(client.peer), target,
+                    (client.opened_at - client.queued_at) * 1000,
                 )
         if self.pump is not None:
             self.pump.want_in(False)
         return opened
-
-    def _handle_events(self, events):
-        finished = 0
-        dead = None
-        for kind, cid, reason, err, up, down in events:
-            if kind == EV_DONE:
-                client = self.active.pop(cid, None)
-                finished += 1
-                if client is None:
-                    continue
-                # Dropping the Channel frees it in libssh2; the pump has
-                # already closed it, so the free sends nothing.
-                client.channel = None
-                # Ends the user did not cause (errors) are logged even without -v.
-                routine = reason in (END_NORMAL, END_ABORTED)
-                if self.opts.verbose or not routine:
-                    dur = time.monotonic() - client.opened_at
-                    why = END_REASONS.get(reason, str(reason))
-                    if err:
-                        why += f" ({err_text(err)})"
-                    log.log(
-                        logging.INFO if routine else logging.WARNING,
-                        "%s: conn %d closed %s -> %s: up %d bytes, down %d bytes, %.3fs, %s",
-                        self.name, cid, peer_text(client.peer), client.fwd.target, up, down, dur, why,
-                    )
-            elif kind == EV_SESSION_DEAD:
-                dead = f"libssh2 error {err}"
-        if finished:
-            self.total_done += finished
-            self.on_finished(finished)
-        return dead
 
     def _service(self):
         """Run the pump, then the open queue; again only if an open completed
@@ -294,7 +276,7 @@ class Worker:
         for _ in range(4):
             if self.pump is None:
                 return
-            dead = self._handle_events(self.pump.run())
+            dead = self.carried.handle_events(self.pump.run())
             if dead:
                 self._session_failed(dead)
                 return
@@ -318,6 +300,8 @@ class Worker:
     def _tick(self):
         self._timer = self.loop.call_later(self._tick_interval(), self._tick)
         self._expire_pending()
+        if self.retiring:
+            self._cut_retired()
         if self.up and self.opts.server_alive_interval:
             self._keepalive()
 
@@ -347,7 +331,35 @@ class Worker:
                 "%s: closing client %s: no SSH session for %.0fs", self.name, peer_text(client.peer), self.opts.client_wait
             )
             reset_close(client.sock)
-            self.on_finished(1)
+            self.on_finished(client.route.id)
+
+    def _cut_retired(self):
+        """Connections of removed forwards whose grace has passed are cut
+        (reset), as a drain timeout cuts them."""
+        now = time.monotonic()
+        due = {rid for rid, at in self.retiring.items() if at <= now}
+        if not due:
+            return
+        for rid in due:
+            del self.retiring[rid]
+        keep = deque()
+        while self.pending:
+            client = self.pending.popleft()
+            if client.route.id in due and client.channel != "opening":
+                self.on_resolved(1)
+                reset_close(client.sock)
+                self.on_finished(client.route.id)
+            else:
+                keep.append(client)
+        self.pending = keep
+        if self.pump is None:
+            return
+        cut = [cid for rid in due for cid in self.carried.of_route(rid)]
+        if cut:
+            log.warning("%s: removed forward: cutting %d connections after the drain timeout", self.name, len(cut))
+            for cid in cut:
+                self.pump.abort(cid)
+            self._service()
 
     # ---- shutdown ----------------------------------------------------------
 
@@ -373,18 +385,19 @@ class Worker:
             self._reconnect_task.cancel()
         for client in self.pending:
             reset_close(client.sock)
+            self.on_finished(client.route.id)
         if self.pending:
             self.on_resolved(len(self.pending))
         self.pending.clear()
         if self.pump is not None:
             self.pump.abort()
-            self._handle_events(self.pump.run())
+            self.carried.handle_events(self.pump.run())
             self.loop.remove_reader(self.pump.fileno)
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self.active.clear()
+            self.carried.clear()
             self.pump.close()
             self.pump = None
         self.control = None

@@ -19,13 +19,15 @@ import statistics
 import sys
 from collections import deque
 
-from . import fdpass
-from .errors import AuthError, BridgeError, HostKeyError, SshpumpError
+from . import wire
+from .errors import AuthError, BridgeError, HostKeyError, SshpumpError, error_to_wire
 from .procsetup import HANDLED_SIGNALS, raise_fd_limit, setup_logging
+from .routes import Route
 from .worker import Worker
 
 EXIT_BOOT_ERROR = 3  # like gunicorn: the master must not respawn in a loop
 REPORT_INTERVAL = 0.25  # seconds between open reports to the master (when there is news)
+REPORT_PART = 150       # connections per status message (one datagram: well under wire.MAX_MESSAGE)
 
 log = logging.getLogger("sshpump")
 
@@ -60,80 +62,115 @@ class OpenReport:
         lat = statistics.median(self.latencies) if self.latencies else None
         self.latencies.clear()
         self.sent_wait = wait
-        self.send(t="opens", wait=wait, lat=lat)
+        self.send("opens", wait=wait, lat=lat)
 
 
-async def _serve(ctrl: socket.socket, opts, index: int) -> int:
+async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int:
     loop = asyncio.get_running_loop()
-    done = asyncio.Event()
+    stopped_event = asyncio.Event()
 
-    def send(**msg):
+    def send(t, **msg):
         try:
-            fdpass.send_status(ctrl, **msg)
+            wire.send(ctrl, t, **msg)
         except OSError:  # the master is gone or not reading: it has no use for it
             pass
 
     def on_state(up, reason):
-        fdpass.send_status(ctrl, t="up" if up else "down", reason=reason)
+        send("up" if up else "down", reason=reason)
 
     # Connections finished (the master's load count) and clients that left
     # the open queue (the master keeps a client's later connections behind
     # them) are counted, and sent once per turn of the event loop: under
     # connection churn, one message per connection was a measurable share of
     # both processes' CPU. A turn is short, so the master learns promptly.
-    counts = {"done": 0, "resolved": 0}
+    done: dict[str, int] = {}   # per forward
+    resolved = 0
     flush_pending = False
 
-    def count(key, n):
+    def schedule_flush():
         nonlocal flush_pending
-        counts[key] += n
         if not flush_pending:
             flush_pending = True
             loop.call_soon(flush_counts)
 
     def flush_counts():
-        nonlocal flush_pending
+        nonlocal flush_pending, resolved
         flush_pending = False
-        if counts["done"] or counts["resolved"]:
-            send(t="counts", done=counts["done"], resolved=counts["resolved"])
-            counts["done"] = counts["resolved"] = 0
+        if done or resolved:
+            send("counts", done=dict(done), resolved=resolved)
+            done.clear()
+            resolved = 0
 
-    def on_finished(n):
-        count("done", n)
+    def on_finished(route_id):
+        done[route_id] = done.get(route_id, 0) + 1
+        schedule_flush()
 
     def on_resolved(n):
-        count("resolved", n)
+        nonlocal resolved
+        resolved += n
+        schedule_flush()
 
     report = OpenReport(send)
-    worker = Worker(opts, name=f"worker {index}", on_state=on_state, on_finished=on_finished,
+    worker = Worker(opts, name=f"{prefix}worker {index}", on_state=on_state, on_finished=on_finished,
                     on_opened=report.opened, on_resolved=on_resolved)
     draining = None
+
+    def on_client(msg, fd):
+        route = Route.from_wire(msg["route"])
+        peer = tuple(msg["peer"]) if isinstance(msg["peer"], list) else msg["peer"]
+        if fd is None:  # fd table full: the kernel dropped it
+            log.warning("worker %d: client %s lost in transfer (out of file descriptors)", index, peer)
+            on_resolved(1)
+            on_finished(route.id)
+            return
+        # Also while draining: after the master's DRAIN none come; after
+        # our own signal only those the master sent before it heard of
+        # the drain, and they are ours to carry (the drain waits for them).
+        worker.submit(socket.socket(fileno=fd), route, peer, msg["conn"])
+
+    def on_query(msg, _fd):
+        # Thousands of connections do not fit one datagram: sent in parts,
+        # the last one with the pump's totals. Blocking (bounded) while it
+        # is sent: a status answer must not lose a part to a full buffer.
+        conns = worker.connections(index)
+        parts = [conns[i:i + REPORT_PART] for i in range(0, len(conns), REPORT_PART)] or [[]]
+        ctrl.settimeout(2.0)
+        try:
+            for n, part in enumerate(parts):
+                last = n == len(parts) - 1
+                wire.send(ctrl, "report", id=msg["id"], conns=part, last=last,
+                          **({"pump": worker.pump_stats(), "up": worker.up} if last else {}))
+        except OSError:
+            pass
+        finally:
+            ctrl.setblocking(False)
+
+    handlers = {
+        "client": on_client,
+        "drain": lambda msg, _fd: drain(msg["grace"]),
+        "retire": lambda msg, _fd: worker.retire(msg["route"], msg["grace"]),
+        "query": on_query,
+    }
 
     def on_ctrl():
         while True:
             try:
-                kind, payload, fd = fdpass.recv_master(ctrl)
+                msg, fd = wire.recv(ctrl)
             except BlockingIOError:
                 return
             except OSError:
-                kind = None
-            if kind is None:  # master is gone: nothing to report to, stop now
+                msg, fd = None, None
+            if msg is None:  # master is gone: nothing to report to, stop now
                 loop.remove_reader(ctrl.fileno())
-                done.set()
+                stopped_event.set()
                 return
-            if kind == fdpass.CLIENT:
-                idx, peer = payload
-                if fd is None:  # fd table full: the kernel dropped it
-                    log.warning("worker %d: client %s lost in transfer (out of file descriptors)", index, peer)
-                    on_resolved(1)
-                    on_finished(1)
-                    continue
-                # Also while draining: after the master's DRAIN none come; after
-                # our own signal only those the master sent before it heard of
-                # the drain, and they are ours to carry (the drain waits for them).
-                worker.submit(socket.socket(fileno=fd), opts.forwards[idx], peer)
-            elif kind == fdpass.DRAIN:
-                drain(payload)
+            handler = handlers.get(msg.get("t"))
+            if handler is None:
+                log.error("worker %d: unknown message %r from the master", index, msg.get("t"))
+                if fd is not None:
+                    os.close(fd)
+                continue
+            handler(msg, fd)
 
     def drain(grace):
         nonlocal draining
@@ -142,7 +179,7 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
 
     async def _drain(grace):
         await worker.drain(grace)
-        done.set()
+        stopped_event.set()
 
     def on_stop_signal(sig):
         # Ctrl-C, `kill -TERM -PGID` and systemd (KillMode=control-group)
@@ -151,7 +188,7 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
         # send it no more clients (the master may not have been signalled).
         if draining is None:
             log.info("worker %d: %s: draining (up to %gs)", index, sig.name, opts.drain_timeout)
-            send(t="draining", reason=sig.name)
+            send("draining", reason=sig.name)
         drain(opts.drain_timeout)
 
     def tick():
@@ -172,7 +209,7 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
     # connections.
     await asyncio.sleep(0.05 * index)
     starting = loop.create_task(worker.start())
-    stopped = loop.create_task(done.wait())
+    stopped = loop.create_task(stopped_event.wait())
     await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
         # Told to stop while still logging in: nothing to drain, and the login
@@ -181,10 +218,12 @@ async def _serve(ctrl: socket.socket, opts, index: int) -> int:
     try:
         starting.result()
     except (AuthError, HostKeyError, BridgeError) as e:
-        fdpass.send_status(ctrl, t="fatal", code=e.exit_code, msg=str(e))
+        # Reported, not logged: the master decides (halt with one line, or
+        # keep this tunnel's other workers and retry later).
+        send("fatal", **error_to_wire(e))
         return EXIT_BOOT_ERROR
     except SshpumpError as e:
-        fdpass.send_status(ctrl, t="down", reason=str(e), code=e.exit_code)
+        send("down", reason=str(e), **error_to_wire(e))
         worker.start_reconnecting()
     await stopped
     ticker.cancel()
@@ -200,12 +239,12 @@ def main(argv=None) -> int:
     ctrl = socket.socket(fileno=int(argv[0]))
     if os.getppid() == 1:
         return 1  # the master died before we could arm PDEATHSIG
-    config = fdpass.recv_config(ctrl)
+    config = wire.recv_config(ctrl)
     opts, index = config["opts"], config["index"]
     setup_logging(opts.verbose, prefix=f"sshpump[{os.getpid()}]")
     import uvloop
 
-    return uvloop.run(_serve(ctrl, opts, index))
+    return uvloop.run(_serve(ctrl, opts, index, config.get("name", "")))
 
 
 if __name__ == "__main__":

@@ -73,5 +73,16 @@ def pump(sshd):
         return p
 
     yield start
+    # Teardown: every pump the test started is idle again -- no connection
+    # open or waiting, nothing buffered, no fd more than at the start -- unless
+    # the test said otherwise (p.check_idle = False) or the pump has exited.
+    problems = []
     for p in started:
-        p.close()
+        try:
+            if p.check_idle and p.control and p.proc.poll() is None:
+                p.assert_idle()
+        except AssertionError as e:
+            problems.append(str(e))
+        finally:
+            p.close()
+    assert not problems, problems

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 
-from testbed._util import children_of, kill_pids
+from testbed._util import children_of, kill_pids, wait_for
 
 PY = sys.executable
 
@@ -82,8 +82,16 @@ class Pump:
     stop(sig, timeout) -> returncode, close().
     """
 
-    def __init__(self, argv, env=None, ready_timeout=30.0, new_session=False):
+    def __init__(self, argv, env=None, ready_timeout=30.0, new_session=False, control=True):
+        self.control = None
+        if control and "--config" not in argv:
+            # Every test pump has a control socket: tests observe structured
+            # status through it (stats(), connections()), not log text.
+            self._control_dir = tempfile.mkdtemp(prefix="sshpump-ctl-")
+            self.control = os.path.join(self._control_dir, "ctl.sock")
+            argv = ["--control", self.control, *argv]
         self.argv = argv
+        self.check_idle = True    # the pump fixture's teardown asserts idle() unless a test says otherwise
         fd, self.stderr_path = tempfile.mkstemp(prefix="sshpump-stderr-", suffix=".log")
         self._stderr_file = os.fdopen(fd, "wb")
         r, w = os.pipe()
@@ -115,6 +123,8 @@ class Pump:
             raise PumpFailed(f"sshpump not ready (exit code {rc}):\n{err}")
         self.ready = json.loads(line)
         assert self.ready["ready"] is True and self.ready["pid"] == self.pid
+        if self.control is None and self.ready.get("control"):
+            self.control = self.ready["control"]
         entries = self.ready["listen"]
         self.listen_all = [a["address"] if isinstance(a["address"], str) else tuple(a["address"])
                            for a in entries]
@@ -162,6 +172,59 @@ class Pump:
         """Pids of the worker processes (direct children of the master)."""
         return _direct_children(self.pid)
 
+    # ---- structured status over the control socket ----------------------
+
+    def ctl(self, cmd, **args):
+        from sshpump.control.client import request
+        return request(self.control, cmd, args, timeout=10)
+
+    def stats(self) -> dict:
+        return self.ctl("stats")
+
+    def connections(self) -> list[dict]:
+        return self.ctl("connections")["connections"]
+
+    def fds(self) -> dict:
+        """{pid: open fds} for the master and its workers."""
+        out = {}
+        for pid in [self.pid, *self.workers()]:
+            try:
+                out[pid] = fd_count(pid)
+            except OSError:
+                pass
+        return out
+
+    def baseline(self, limit=5.0):
+        """Remember the fds of the master and workers once every session is
+        up (no baseline, so no fd check, if they are not up within limit)."""
+        try:
+            wait_for(lambda: all(w["up"] for t in self.stats()["tunnels"].values() for w in t["workers"]),
+                     limit, what="every worker's session up")
+        except TimeoutError:
+            self._baseline = None
+            return
+        self._baseline = self.fds()
+
+    def assert_idle(self, limit=15.0):
+        """No connection open or waiting, nothing buffered in any pump, and
+        (when a baseline was taken and the same workers still run) no fd
+        more than then."""
+        def idle():
+            st = self.stats()
+            busy = [(name, t["connections"], t["waiting"], t["buffered"]) for name, t in st["tunnels"].items()
+                    if t["connections"] or t["waiting"] or t["buffered"]]
+            return None if busy else st
+        try:
+            wait_for(idle, limit, what="no connections and no buffered bytes")
+        except TimeoutError:
+            raise AssertionError(f"sshpump not idle: {self.stats()}; connections: {self.connections()[:20]}") from None
+        base = getattr(self, "_baseline", None)
+        if base is not None and set(base) == set(self.fds()):
+            try:
+                wait_for(lambda: self.fds() == base, limit)
+            except TimeoutError:
+                raise AssertionError(f"fds not back to where they started: {self.fds()}, was {base}") from None
+
     def stop(self, sig=signal.SIGTERM, timeout=30.0):
         """Send sig and wait; return the exit code."""
         if self.proc.poll() is None:
@@ -188,6 +251,9 @@ class Pump:
                 os.unlink(self.stderr_path)
             except FileNotFoundError:
                 pass
+        if getattr(self, "_control_dir", None):
+            import shutil
+            shutil.rmtree(self._control_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -254,8 +320,10 @@ def start_pump(sshd, *specs, workers=0, verbose=1, extra=(), env=None, ready_tim
     that a test can signal the whole group as systemd or a terminal does."""
     args, dest = base_args(sshd, **kw)
     argv = ["-v"] * verbose + ["--workers", str(workers), *args, *extra, *_spec_args(specs), dest]
-    return Pump(argv, env=clean_env() if env is None else env, ready_timeout=ready_timeout,
-                new_session=new_session)
+    p = Pump(argv, env=clean_env() if env is None else env, ready_timeout=ready_timeout,
+             new_session=new_session)
+    p.baseline()
+    return p
 
 
 def run_cli(argv, env=None, timeout=30.0):

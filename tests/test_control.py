@@ -25,7 +25,7 @@ from sshpump.control.client import request
 from sshpump.control.protocol import MAX_LINE, ControlError
 from sshpump.control.server import ControlServer
 from sshpump.control.views import render
-from sshpump.errors import ConnectError, ForwardError, SshpumpError, UsageError
+from sshpump.errors import ConnectError, ForwardError, SshpumpError, UsageError, error_from_wire
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(sshpump.__file__)))
 
@@ -209,9 +209,9 @@ def test_handler_bug_is_internal_error_and_logged(served, handler, caplog):
 
 
 def test_unknown_error_type_keeps_its_exit_code():
-    err = protocol.error_from_response({"ok": False, "error": "x\ny", "code": 9, "type": "NoSuchError"})
+    err = error_from_wire({"ok": False, "error": "x\ny", "code": 9, "type": "NoSuchError"})
     assert type(err) is SshpumpError and err.exit_code == 9 and str(err) == "x\\ny"
-    err = protocol.error_from_response({"ok": False, "error": "e", "code": 2, "type": "ControlError"})
+    err = error_from_wire({"ok": False, "error": "e", "code": 2, "type": "ControlError"})
     assert type(err) is ControlError
 
 

@@ -82,27 +82,39 @@ class WorkerError(SshpumpError):
 
 
 def error_to_wire(e: SshpumpError) -> dict:
-    """What crosses a process boundary (worker -> master, control socket):
-    the class name, the exit code and the one-line message."""
-    extra = {k: v for k, v in vars(e).items() if isinstance(v, (str, int, list)) and k != "exit_code"}
-    return {"type": type(e).__name__, "code": e.exit_code, "msg": str(e), "attrs": extra}
+    """What crosses a process boundary (worker -> master, the control
+    socket): the class name, the exit code, the one-line message, and the
+    error's plain attributes (AuthError.methods, ChannelOpenError.reason)."""
+    attrs = {k: v for k, v in vars(e).items()
+             if k != "exit_code" and isinstance(v, (str, int, list)) and not isinstance(v, bool)}
+    return {"type": type(e).__name__, "code": int(e.exit_code), "msg": str(e), "attrs": attrs}
+
+
+def _error_classes() -> dict:
+    # Every subclass defined so far, by name, first definition winning: a new
+    # error class elsewhere needs no registration to cross a boundary.
+    found, stack = {}, [SshpumpError]
+    while stack:
+        cls = stack.pop(0)
+        found.setdefault(cls.__name__, cls)
+        stack.extend(cls.__subclasses__())
+    return found
 
 
 def error_from_wire(msg: dict) -> SshpumpError:
-    """Rebuild the error a worker or a control peer reported, with its type:
-    a known subclass by name, else a plain SshpumpError with the exit code."""
-    cls = _BY_NAME.get(msg.get("type", ""), SshpumpError)
+    """Rebuild a reported error with its type: the subclass named by "type"
+    (a plain SshpumpError when unknown), its message ("msg", or "error" as
+    the control socket calls it), attributes and exit code."""
+    cls = _error_classes().get(msg.get("type"), SshpumpError)
+    err = cls.__new__(cls)            # not __init__: subclasses take other arguments
     text = msg.get("msg") or msg.get("error") or "unknown error"
-    err = cls.__new__(cls)
-    Exception.__init__(err, text)
-    for key, value in (msg.get("attrs") or {}).items():
-        setattr(err, key, value)
+    Exception.__init__(err, "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)))
+    attrs = msg.get("attrs")
+    if isinstance(attrs, dict):
+        for key, value in attrs.items():
+            if isinstance(key, str) and key.isidentifier() and not key.startswith("_") and key != "exit_code":
+                setattr(err, key, value)
     code = msg.get("code")
-    if isinstance(code, int) and code != cls.exit_code:
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256 and code != cls.exit_code:
         err.exit_code = code
     return err
-
-
-_BY_NAME = {c.__name__: c for c in (
-    SshpumpError, UsageError, SpecError, ConnectError, ConnectTimeoutError, HostKeyError,
-    AuthError, ForwardError, ChannelOpenError, BridgeError, WorkerError)}

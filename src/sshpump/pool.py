@@ -54,7 +54,10 @@ class WorkerPool:
             return
         timeout = (self.opts.connect_timeout or 30) + 0.05 * len(self.workers) + BOOT_GRACE
         waiting = {asyncio.ensure_future(asyncio.shield(w.first_status)) for w in self.workers}
-        first_down = None
+        # Ready once every worker has answered (so that clients spread over
+        # all of them from the first), with at least one session up; the
+        # first boot error ends the wait at once.
+        first_down, any_up = None, False
         deadline = time.monotonic() + timeout
         try:
             while waiting:
@@ -64,15 +67,18 @@ class WorkerPool:
                     break
                 for fut in done:
                     msg = fut.result()
-                    if msg["t"] == "up":
-                        return
                     if msg["t"] == "fatal":   # authentication, host key: no worker will do better
                         await self.stop(0)
                         raise _status_error(msg)
-                    first_down = first_down or _status_error(msg)
+                    if msg["t"] == "up":
+                        any_up = True
+                    else:
+                        first_down = first_down or _status_error(msg)
         finally:
             for fut in waiting:
                 fut.cancel()
+        if any_up:
+            return
         await self.stop(0)
         raise first_down or ConnectError("no worker reported a session within %.0fs" % timeout)
 

@@ -87,7 +87,7 @@ from dataclasses import dataclass
 from . import validate
 from .errors import UsageError
 from .listenclash import check_listen_clashes
-from .options import Options
+from .options import Options, default_workers
 from .tunneltable import (TUNNEL_KEYS, FileProblem, defaults_settings, read_string,
                           tunnel_options, type_name)
 
@@ -112,19 +112,6 @@ class FileConfig:
 def _one_line(text: str) -> str:
     # file text reaches messages and --check output: keep each on one line
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _default_workers() -> int:
-    """The CLI's default: one worker per CPU this process may run on
-    (options.default_workers; master.default_workers before it moved)."""
-    try:
-        from .options import default_workers
-    except ImportError:
-        try:
-            from .master import default_workers
-        except ImportError:
-            return max(1, len(os.sched_getaffinity(0)))
-    return default_workers()
 
 
 def _read_text(path: str) -> str:
@@ -185,7 +172,7 @@ def _load(path: str) -> FileConfig:
         raise FileProblem(f"tunnels must be [tunnels.NAME] tables, not {type_name(tunnels_table)}")
     if not tunnels_table:
         raise FileProblem("no tunnels: add a [tunnels.NAME] table with destination and forwards")
-    workers = _default_workers() if "workers" not in defaults else defaults["workers"]
+    workers = default_workers() if "workers" not in defaults else defaults["workers"]
     tunnels = {}
     for name, table in tunnels_table.items():
         if not NAME_RE.fullmatch(name):

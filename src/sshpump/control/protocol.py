@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 
-from ..errors import SshpumpError, UsageError
+from ..errors import SshpumpError, UsageError, error_from_wire, error_to_wire
 
 MAX_LINE = 64 * 1024          # a request line, newline excluded
 MAX_RESPONSE = 64 * 1024 * 1024   # the client's bound: a connections list may be long
@@ -129,44 +129,14 @@ def encode_ok(result) -> bytes:
 
 
 def encode_error(e: SshpumpError) -> bytes:
-    attrs = {k: v for k, v in vars(e).items()
-             if k != "exit_code" and isinstance(v, (str, int, list)) and not isinstance(v, bool)}
-    msg = {"ok": False, "error": one_line(str(e)) or type(e).__name__, "code": int(e.exit_code),
-           "type": type(e).__name__}
+    wire = error_to_wire(e)
+    msg = {"ok": False, "error": one_line(wire["msg"]) or type(e).__name__, "code": wire["code"],
+           "type": wire["type"]}
     try:
-        line = json.dumps({**msg, "attrs": attrs}, ensure_ascii=True, allow_nan=False)
+        line = json.dumps({**msg, "attrs": wire["attrs"]}, ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError):  # an attribute list that is not JSON: drop the extras
         line = json.dumps(msg, ensure_ascii=True)
     return line.encode() + b"\n"
-
-
-def _error_classes(base=SshpumpError) -> dict:
-    # Every subclass defined so far, by name, first definition winning: a new
-    # error class elsewhere needs no registration to cross the socket.
-    found = {}
-    stack = [base]
-    while stack:
-        cls = stack.pop(0)
-        found.setdefault(cls.__name__, cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
-def error_from_response(msg: dict) -> SshpumpError:
-    """The SshpumpError subclass named by "type" (a plain SshpumpError when
-    unknown), with the response's message and exit code."""
-    cls = _error_classes().get(msg.get("type"), SshpumpError)
-    err = cls.__new__(cls)            # not __init__: subclasses take other arguments
-    Exception.__init__(err, one_line(str(msg.get("error") or "unknown error")))
-    attrs = msg.get("attrs")
-    if isinstance(attrs, dict):
-        for key, value in attrs.items():
-            if isinstance(key, str) and key.isidentifier() and not key.startswith("_") and key != "exit_code":
-                setattr(err, key, value)
-    code = msg.get("code")
-    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256 and code != cls.exit_code:
-        err.exit_code = code
-    return err
 
 
 def decode_response(line: bytes):
@@ -179,4 +149,4 @@ def decode_response(line: bytes):
         raise SshpumpError("malformed answer from the control socket")
     if msg["ok"]:
         return msg.get("result")
-    raise error_from_response(msg)
+    raise error_from_wire(msg)

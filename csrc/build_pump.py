@@ -45,17 +45,27 @@ _libssh2 = find_bundled_libssh2()
 _extra_compile = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 _extra_link = [_libssh2, "-Wl,-rpath,$ORIGIN/../ssh2_python.libs"]
 _sanitize = bool(os.environ.get("SSHPUMP_SANITIZE"))
+# Debug builds (made by the tests with ffibuilder.compile()): PUMP_DEBUG makes
+# an impossible pump state change abort the process, and SSHPUMP_PUMP_TRACE=1
+# at run time logs every state change to stderr (csrc/conn.c).
+_debug = _sanitize or bool(os.environ.get("SSHPUMP_PUMP_DEBUG"))
 if _sanitize:
     # Debug build for CI: AddressSanitizer + UndefinedBehaviorSanitizer.
     _extra_compile += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
     _extra_link += ["-fsanitize=address,undefined"]
+if _debug:
+    _extra_compile += ["-DPUMP_DEBUG"]
+
+# pump.c: the session and its loop; conn.c: one connection's states; flow.c:
+# its bytes. pump_private.h is what they share.
+SOURCES = ["pump.c", "conn.c", "flow.c"]
 
 ffibuilder.set_source(
     "sshpump._pump",
     '#include "pump.h"',
-    # setuptools wants a path relative to setup.py; ffibuilder.compile() (the
-    # sanitizer build in the tests) runs from a temporary directory.
-    sources=[os.path.join(HERE, "pump.c") if _sanitize else os.path.relpath(os.path.join(HERE, "pump.c"))],
+    # setuptools wants paths relative to setup.py; ffibuilder.compile() (the
+    # debug builds in the tests) runs from a temporary directory.
+    sources=[os.path.join(HERE, f) if _debug else os.path.relpath(os.path.join(HERE, f)) for f in SOURCES],
     include_dirs=[HERE],
     extra_compile_args=_extra_compile,
     extra_link_args=_extra_link,

@@ -1,6 +1,6 @@
 /*
  * The pump's public interface. This file is the single source of these
- * declarations: build_pump.py feeds it to cffi's cdef, pump.c includes it.
+ * declarations: build_pump.py feeds it to cffi's cdef, the C includes it.
  * It must stay plain C that cffi can parse (no #include, no macros with
  * expressions).
  */
@@ -19,7 +19,19 @@ enum {
     PUMP_END_CLIENT_ERROR = 1,  /* client socket reset or send failed */
     PUMP_END_CHANNEL_CLOSED = 2,/* server closed the channel with data pending */
     PUMP_END_CHANNEL_ERROR = 3, /* libssh2 refused a channel operation */
-    PUMP_END_ABORTED = 4        /* closed by pump_abort() / session death */
+    PUMP_END_ABORTED = 4,       /* closed by pump_abort() / session death */
+    PUMP_END_STATE = 5          /* pump bug: an impossible state change was
+                                   refused (see refuse() in conn.c) */
+};
+
+/* State of one direction of a connection (pump_conn_stats). Each direction
+   goes OPEN -> DRAIN -> DONE; CLOSING means the whole connection is closing
+   its channel and neither direction moves any more. */
+enum {
+    PUMP_STATE_OPEN = 0,     /* passing bytes */
+    PUMP_STATE_DRAIN = 1,    /* the sender sent EOF; flushing what we hold */
+    PUMP_STATE_DONE = 2,     /* EOF passed on */
+    PUMP_STATE_CLOSING = 3
 };
 
 struct pump_event {
@@ -38,6 +50,16 @@ struct pump_stats {
     unsigned long long rx_bytes;     /* bytes received on the SSH socket */
     double last_rx;                  /* CLOCK_MONOTONIC seconds of last receive */
     int out_blocked;                 /* a send waits for the SSH socket */
+};
+
+/* One live connection, now. */
+struct pump_conn_stats {
+    unsigned long long up;             /* bytes client -> channel so far */
+    unsigned long long down;           /* bytes channel -> client so far */
+    unsigned long long buffered_up;    /* read from the client, not yet in the channel */
+    unsigned long long buffered_down;  /* read from the channel, not yet sent to the client */
+    int up_state;                      /* PUMP_STATE_* */
+    int down_state;                    /* PUMP_STATE_* */
 };
 
 /* A pump for one libssh2 session whose socket is ssh_fd (non-blocking). */
@@ -76,6 +98,9 @@ void pump_want_in(struct pump *p, int on);
 void pump_set_control(struct pump *p, void *channel);
 
 void pump_get_stats(struct pump *p, struct pump_stats *st);
+/* Fills *out for connection conn; 0, or -1 if conn is not live (never added,
+   or already reported by PUMP_EV_DONE: its id may since name a new one). */
+int pump_conn_stats(struct pump *p, int conn, struct pump_conn_stats *out);
 
 /* For the pointer bridge's self-check. */
 long pump_session_timeout(void *session);

@@ -9,5 +9,8 @@ bash scripts/install-system-deps.sh
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q -e '.[test,bench]'
 # The C pump must stay warning-free.
-gcc -std=gnu11 -fsyntax-only -Wall -Wextra -Werror -Icsrc csrc/pump.c
+for src in csrc/pump.c csrc/conn.c csrc/flow.c; do
+    gcc -std=gnu11 -fsyntax-only -Wall -Wextra -Werror -Icsrc "$src"
+    gcc -std=gnu11 -fsyntax-only -Wall -Wextra -Werror -DPUMP_DEBUG -Icsrc "$src"
+done
 python3 -m pytest -q -ra -p no:cacheprovider tests "$@"

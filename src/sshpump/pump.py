@@ -32,6 +32,14 @@ END_REASONS = {
     lib.PUMP_END_CHANNEL_CLOSED: "channel closed by server with data pending",
     lib.PUMP_END_CHANNEL_ERROR: "channel error",
     lib.PUMP_END_ABORTED: "aborted",
+    lib.PUMP_END_STATE: "pump bug: impossible state change refused",
+}
+
+STATE_NAMES = {
+    lib.PUMP_STATE_OPEN: "open",
+    lib.PUMP_STATE_DRAIN: "drain",
+    lib.PUMP_STATE_DONE: "done",
+    lib.PUMP_STATE_CLOSING: "closing",
 }
 
 
@@ -88,6 +96,7 @@ class Pump:
             raise MemoryError("pump_new failed")
         self._events = ffi.new("struct pump_event[256]")
         self._stats = ffi.new("struct pump_stats *")
+        self._conn_stats = ffi.new("struct pump_conn_stats *")
 
     @property
     def fileno(self) -> int:
@@ -138,6 +147,23 @@ class Pump:
             "rx_bytes": s.rx_bytes,
             "last_rx": s.last_rx,
             "out_blocked": s.out_blocked,
+        }
+
+    def conn_stats(self, cid: int) -> dict | None:
+        """One live connection now, or None if cid is not live (never added,
+        or already reported done: a later add() may reuse the id).
+        Directions go "open" -> "drain" -> "done"; both say "closing" once
+        the connection is closing its channel."""
+        s = self._conn_stats
+        if lib.pump_conn_stats(self._p, cid, s) < 0:
+            return None
+        return {
+            "up_bytes": s.up,
+            "down_bytes": s.down,
+            "buffered_up": s.buffered_up,
+            "buffered_down": s.buffered_down,
+            "up_state": STATE_NAMES[s.up_state],
+            "down_state": STATE_NAMES[s.down_state],
         }
 
     def close(self):

@@ -1,0 +1,108 @@
+/*
+ * What the pump's three files share. Not part of the interface: pump.h is.
+ *   pump.c  the session: epoll loop, SSH socket, connection table, events
+ *   conn.c  one connection: its states and their setters, cuts, channel close
+ *   flow.c  one connection's bytes, each direction (the libssh2 facts)
+ */
+#ifndef SSHPUMP_PUMP_PRIVATE_H
+#define SSHPUMP_PUMP_PRIVATE_H
+
+#include <stddef.h>
+
+#include "libssh2_min.h"
+#include "pump.h"
+
+/* Shared between the two files, never exported from the module. */
+#define PUMP_INTERNAL __attribute__((visibility("hidden")))
+
+#define MAX_WRITE 32700       /* libssh2 sends at most this per call */
+#define MIN_ADJUST 1024       /* LIBSSH2_CHANNEL_MINADJUST */
+#define PACKETS_PER_ROUND 4   /* channel writes per connection per round */
+
+/* Direction states (see the top of conn.c). The values are the public
+   PUMP_STATE_* ones, so pump_conn_stats() reports them as they are. */
+enum { UP_OPEN = PUMP_STATE_OPEN, UP_DRAIN = PUMP_STATE_DRAIN,
+       UP_DONE = PUMP_STATE_DONE };
+enum { DOWN_OPEN = PUMP_STATE_OPEN, DOWN_DRAIN = PUMP_STATE_DRAIN,
+       DOWN_DONE = PUMP_STATE_DONE };
+
+struct conn {
+    int id;
+    int fd;
+    LIBSSH2_CHANNEL *ch;
+    int up, down;         /* set only by set_up() / set_down() */
+    int closing;          /* channel close in progress; set only by set_closing() */
+    int reason, err;      /* why it ends */
+    int rd_ready, wr_ready; /* edge-triggered readiness of the client fd */
+    int hot;              /* moved bytes in the last round: look again */
+    int wpending;         /* channel_write returned EAGAIN: repeat it */
+    size_t wlen;          /* length given to that write */
+    int rpending;         /* a window adjust inside channel_read is pending */
+    unsigned long wadj;   /* explicit window adjust pending: its amount */
+    char *ubuf;           /* client -> channel bytes in [uoff, ulen) */
+    size_t uoff, ulen;
+    char *dbuf;           /* channel -> client bytes in [doff, dlen) */
+    size_t doff, dlen;
+    unsigned long long nup, ndown;
+};
+
+struct pump {
+    LIBSSH2_SESSION *s;
+    int ssh_fd;
+    int epfd;
+    size_t bufsize;
+    size_t read_chunk;        /* every channel_read asks for exactly this */
+    unsigned long window;     /* receive window to grant each channel, 0 = libssh2's */
+    struct conn **conns;      /* indexed by id; NULL = free slot */
+    int cap;
+    int live;                 /* connections not yet reported done */
+    int *free_ids;
+    int nfree;
+    struct pump_event *evq;   /* events not yet returned */
+    int nev, evcap;
+    int out_blocked;          /* some send returned EAGAIN this run */
+    int owed;                 /* connections owing the server a window adjust */
+    unsigned rr;              /* where the next round starts (round robin) */
+    int want_in;              /* Python waits for a reply (channel open) */
+    LIBSSH2_CHANNEL *control; /* an idle session channel that lets us read the
+                                 socket while no connection is open */
+    unsigned ssh_events;      /* interest currently set for the SSH socket */
+    int dead;                 /* session failed: libssh2 error code */
+    int dead_reported;
+    unsigned long long rx_bytes;
+    unsigned long long rx_scanned;  /* rx_bytes when every channel was last looked at */
+    double last_rx;
+    unsigned long long buffered, buffers;
+    libssh2_cb_generic *orig_recv;  /* ssh2-python's recv, restored on free */
+    int in_run;                     /* inside pump_run() */
+    int rx_dry;                     /* this round's recv found the socket empty */
+};
+
+/* pump.c: the session */
+PUMP_INTERNAL void session_failed(struct pump *p, int err);
+PUMP_INTERNAL int can_send_small(struct pump *p);
+PUMP_INTERNAL void conn_finish(struct pump *p, struct conn *c);
+
+/* conn.c: one connection. set_up/set_down return 0, or -1 when they
+   refused the change and cut the connection (the caller stops there). */
+PUMP_INTERNAL void conn_init_once(void);
+PUMP_INTERNAL int set_up(struct pump *p, struct conn *c, int to);
+PUMP_INTERNAL int set_down(struct pump *p, struct conn *c, int to);
+PUMP_INTERNAL void set_owed(struct pump *p, struct conn *c, int rpending,
+                            unsigned long wadj);
+PUMP_INTERNAL void drop_ubuf(struct pump *p, struct conn *c);
+PUMP_INTERNAL void drop_dbuf(struct pump *p, struct conn *c);
+PUMP_INTERNAL void conn_release_buffers(struct pump *p, struct conn *c);
+PUMP_INTERNAL void client_close(struct pump *p, struct conn *c, int reset);
+PUMP_INTERNAL void client_reset(struct pump *p, struct conn *c);
+PUMP_INTERNAL void conn_abort(struct pump *p, struct conn *c, int reason,
+                              int err);
+PUMP_INTERNAL int conn_step(struct pump *p, struct conn *c);
+PUMP_INTERNAL int conn_busy(const struct conn *c);
+
+/* flow.c: one connection's bytes. Non-zero on progress. */
+PUMP_INTERNAL int step_up(struct pump *p, struct conn *c);
+PUMP_INTERNAL int step_down(struct pump *p, struct conn *c);
+PUMP_INTERNAL int finish_adjust(struct pump *p, struct conn *c);
+
+#endif

@@ -206,6 +206,11 @@ void conn_abort(struct pump *p, struct conn *c, int reason, int err)
 {
     if (c->closing || set_closing(p, c, reason, err) < 0)
         return;
+    /* Closing is work in progress: pump_run steps only connections with
+       events or work ("hot"), and a cut from outside (pump_abort) brings no
+       event -- the client fd is closed below -- so without this the CLOSE
+       would wait for unrelated traffic on the session. */
+    c->hot = 1;
     /* Undeliverable bytes are dropped now, except a write libssh2 may have
        half-sent: only the same call can finish that packet, and until it is
        finished every other send of the session fails. conn_close_step

@@ -29,7 +29,7 @@ EXIT_CODES = """exit status:
 # Options taking a value, read as ssh's getopt reads them (see _getopt_words).
 SHORT_WITH_VALUE = "Lplio"
 LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window", "--control",
-                   "--config")
+                   "--config", "--metrics", "--log-format")
 # ssh options a user may try; without this argparse reads `-R spec host`
 # with the spec as the destination.
 NOT_SUPPORTED = {
@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="run the tunnels a TOML file names (several destinations); SIGHUP re-reads it")
     p.add_argument("--check", action="store_true", help="with --config: check the file, print it, exit")
+    p.add_argument("--metrics", default=None, metavar="[ADDR:]PORT",
+                   help="serve Prometheus metrics at /metrics and a health check at /healthz "
+                   "(default address 127.0.0.1)")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="text (default) or json: one object per line for log shippers")
     return p
 
 
@@ -159,6 +164,19 @@ def _check_config_mode(ns):
         ns.control = validate.path(ns.control, "--control", max_bytes=validate.UNIX_PATH_MAX)
 
 
+def metrics_address(text: str) -> tuple[str, int]:
+    """--metrics [ADDR:]PORT: loopback unless an address is given; IPv6 in brackets."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise UsageError(f"--metrics {validate.show(text)}: empty address")
+    validate.host(host, "--metrics address", resolved_here=True)
+    return host, validate.port(port, "--metrics port", allow_zero=True)
+
+
 def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namespace, bool]:
     """argv -> (Options, namespace, BatchMode): parsing and checks only, no
     environment, files or network. Every bad input raises UsageError (one
@@ -166,6 +184,8 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     With --config, Options is None: the tunnels come from the file."""
     ns = build_parser().parse_args(_getopt_words(list(argv)))
     _check_config_mode(ns)
+    if ns.metrics is not None:
+        ns.metrics = metrics_address(ns.metrics)
     if ns.ready_fd is not None:
         ns.ready_fd = validate.ascii_int(ns.ready_fd, "--ready-fd", 0, MAX_FD)
     if ns.config is not None:

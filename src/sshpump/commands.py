@@ -36,8 +36,9 @@ def remove(rt, forward: str, tunnel: str | None = None) -> dict:
     else:
         owners = [t for t in rt.tunnels.values() if _has(t, forward)]
         t = owners[0] if owners else pick_tunnel(rt, None)
+    info = t.table.find(forward).info(t.name)   # with the addresses it listened on
     fwd = t.remove(forward)
-    return {**fwd.info(t.name), "draining": fwd.active}
+    return {**info, "draining": fwd.active}
 
 
 def _has(t, ref) -> bool:

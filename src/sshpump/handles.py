@@ -20,7 +20,7 @@ from .dispatch import OpenHealth, OpenQueue
 from .envsecrets import without_secrets
 from .errors import SshpumpError, WorkerError, error_from_wire
 from .options import Options
-from .procsetup import HANDLED_SIGNALS
+from .procsetup import HANDLED_SIGNALS, LOG_FORMAT
 from .worker import Worker
 
 log = logging.getLogger("sshpump")
@@ -135,7 +135,8 @@ class WorkerProcess:
         child.close()
         # Forwards travel with each client as routes (routes.py), not here.
         opts = dataclasses.replace(self.tunnel.opts, forwards=[])
-        wire.send_config(parent, {"opts": opts, "index": self.index, "name": self.tunnel.label})
+        wire.send_config(parent, {"opts": opts, "index": self.index, "name": self.tunnel.label,
+                                  "log_format": LOG_FORMAT["format"]})
         parent.setblocking(False)
         self.ctrl = parent
         self.load = 0

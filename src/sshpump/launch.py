@@ -105,6 +105,14 @@ def main(argv=None) -> int:
         from .control.client import main as ctl_main
 
         return ctl_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from .control.status import main as status_main
+
+        return status_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     try:
         opts, ns, batch = parse_command_line(argv)
         file_config = None
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(one_line(f"sshpump: {e}"), file=sys.stderr)
         return e.exit_code
-    setup_logging(ns.verbose)
+    setup_logging(ns.verbose, log_format=ns.log_format)
     raise_fd_limit()
     interactive = opts is not None and sys.stdin.isatty() and not batch
     if opts is not None:

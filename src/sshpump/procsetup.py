@@ -13,11 +13,20 @@ import sys
 HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
-def setup_logging(verbose: int, prefix: str | None = None) -> None:
+LOG_FORMAT = {"format": "text"}   # what this process's log uses; workers are told the same
+
+
+def setup_logging(verbose: int, prefix: str | None = None, log_format: str = "text") -> None:
+    LOG_FORMAT["format"] = log_format
     level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
     prefix = prefix or f"sshpump[{os.getpid()}]"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
+    if log_format == "json":
+        from .logfmt import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
     log = logging.getLogger("sshpump")
     log.handlers[:] = [handler]
     log.setLevel(level)

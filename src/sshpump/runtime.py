@@ -34,6 +34,8 @@ class Runtime:
         self.secrets = (None, None, 0)   # password, passphrase, verbosity: for tunnels a reload starts
         self._stop_requested = asyncio.Event()
         self._reloading = None
+        self.on_stopping = []            # callables, told once when the drain begins (systemd's STOPPING=1)
+        self.on_reloaded = []            # callables(applied: dict), after a reload (systemd's STATUS=)
 
     @property
     def single(self) -> bool:
@@ -104,7 +106,10 @@ class Runtime:
     def request_stop(self, drain_timeout: float | None = None):
         if drain_timeout is not None:
             self.drain_timeout = drain_timeout
-        self._stop_requested.set()
+        if not self._stop_requested.is_set():
+            self._stop_requested.set()
+            for fn in self.on_stopping:
+                fn()
 
     @property
     def stopping(self) -> bool:
@@ -187,6 +192,8 @@ class Runtime:
                 del new.tunnels[name]
         self.file_config = new
         log.info("reload: %s", ", ".join(f"{k} {v}" for k, v in applied.items() if v) or "nothing changed")
+        for fn in self.on_reloaded:
+            fn(applied)
         return applied
 
     async def _apply(self, plan) -> dict:

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
         return 1  # the master died before we could arm PDEATHSIG
     config = wire.recv_config(ctrl)
     opts, index = config["opts"], config["index"]
-    setup_logging(opts.verbose, prefix=f"sshpump[{os.getpid()}]")
+    setup_logging(opts.verbose, prefix=f"sshpump[{os.getpid()}]", log_format=config.get("log_format", "text"))
     import uvloop
 
     return uvloop.run(_serve(ctrl, opts, index, config.get("name", "")))

@@ -76,7 +76,7 @@ def view_add(r) -> str:
 
 
 def view_remove(r) -> str:
-    text = forward_line("removed", r)
+    text = forward_line("removed", r).replace(", listening on ", ", no longer listening on ", 1)
     draining = _get(r, "draining")
     if isinstance(draining, int) and draining:
         text += f"; {draining} connection{'s' if draining != 1 else ''} draining"

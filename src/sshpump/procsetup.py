@@ -16,15 +16,27 @@ HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 LOG_FORMAT = {"format": "text"}   # what this process's log uses; workers are told the same
 
 
-def setup_logging(verbose: int, prefix: str | None = None, log_format: str = "text") -> None:
+def setup_logging(verbose: int, prefix: str | None = None, log_format: str = "text",
+                  context: dict | None = None) -> None:
+    """``context``: fields every record of this process carries in the JSON
+    format (a worker's tunnel and index; see logfmt.Context)."""
     LOG_FORMAT["format"] = log_format
     level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
     prefix = prefix or f"sshpump[{os.getpid()}]"
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        from .logfmt import JsonFormatter
+        from .logfmt import Context, JsonFormatter
 
         handler.setFormatter(JsonFormatter())
+        if context:
+            handler.addFilter(Context(**context))
+        # Other loggers' warnings (asyncio's, say) would otherwise reach
+        # stderr as plain text through logging's last resort: one JSON line
+        # each instead.
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(logging.WARNING)
+        logging.captureWarnings(True)
     else:
         handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
     log = logging.getLogger("sshpump")

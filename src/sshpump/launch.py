@@ -57,6 +57,9 @@ async def _run(tunnels, ns, file_config=None) -> int:
         first = tunnels[0][1]
         rt.secrets = (first.password, first.passphrase, first.verbose)
     rt.handle_signals()  # before start: a signal during start-up still closes the listeners
+    from .sdnotify import Notifier
+
+    notify = Notifier.from_environ().attach(rt)   # systemd; before any worker: none may inherit $NOTIFY_SOCKET
     if not await rt.start(tunnels):
         log.info("stopped before ready")
         return 0
@@ -75,6 +78,7 @@ async def _run(tunnels, ns, file_config=None) -> int:
             os.close(ns.ready_fd)
         except OSError as e:
             log.warning("cannot write readiness to fd %d: %s", ns.ready_fd, e.strerror)
+    notify.ready()   # READY=1 + STATUS= (a no-op without $NOTIFY_SOCKET)
     await rt.serve()
     log.info("stopped")
     return 0

@@ -36,6 +36,8 @@ class Runtime:
         self._reloading = None
         self.on_stopping = []            # callables, told once when the drain begins (systemd's STOPPING=1)
         self.on_reloaded = []            # callables(applied: dict), after a reload (systemd's STATUS=)
+        self.on_reloading = []           # callables, when a reload starts (systemd's RELOADING=1)
+        self.on_reload_done = []         # callables, when it has ended, applied or not (READY=1 again)
 
     @property
     def single(self) -> bool:
@@ -173,6 +175,15 @@ class Runtime:
     async def reload(self) -> dict:
         """Re-read the --config file and apply the difference. A file that
         does not load is rejected with one line; the running set is kept."""
+        for fn in self.on_reloading:
+            fn()
+        try:
+            return await self._reload()
+        finally:
+            for fn in self.on_reload_done:
+                fn()
+
+    async def _reload(self) -> dict:
         from . import reloadplan, tunnelfile
 
         try:

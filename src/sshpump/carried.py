@@ -23,18 +23,21 @@ class Client:
     peer: tuple
     conn: int                       # the connection's number, unique in the process run
     queued_at: float = field(default_factory=time.monotonic)
+    accepted: float | None = None   # when the master accepted it (CLOCK_MONOTONIC is system-wide)
     opened_at: float = 0.0
     channel: object = None
 
 
 class Carried:
     """Connections in the pump, by pump id. ``on_finished(route_id)`` is
-    called once per connection that ends."""
+    called once per connection that ends; its reason and bytes go to
+    ``tally`` (obs.tally.Tally, for metrics) when one is given."""
 
-    def __init__(self, name: str, verbose: int, on_finished):
+    def __init__(self, name: str, verbose: int, on_finished, tally=None):
         self.name = name
         self.verbose = verbose
         self.on_finished = on_finished
+        self.tally = tally
         self.active: dict[int, Client] = {}
         self.total_done = 0
 
@@ -60,6 +63,8 @@ class Carried:
                 # already closed it, so the free sends nothing.
                 client.channel = None
                 self._log_end(client, reason, err, up, down)
+                if self.tally is not None:
+                    self.tally.ended(client.route.id, reason, up, down)
                 self.on_finished(client.route.id)
             elif kind == EV_SESSION_DEAD:
                 dead = f"libssh2 error {err}"

@@ -36,6 +36,8 @@ class Supervisor(Protocol):
     loop: asyncio.AbstractEventLoop
     stopping: bool
 
+    counters: "TunnelCounters"   # obs.counters: metrics totals, fed from reports
+
     def flush_waiting(self) -> None: ...
 
     def finished(self, done: dict[str, int]) -> None: ...
@@ -59,13 +61,32 @@ class LocalWorker:
         self.opens = OpenQueue()
         self.worker.on_resolved = self.opens.resolved
         self.worker.on_state = self._state
+        # Metrics are applied once per loop turn, as a worker process sends them.
+        self.worker.tally.on_news = lambda: self.tunnel.loop.call_soon(self._report)
+        self.rtt = None
 
     @property
     def up(self):
         return self.worker.up
 
+    @property
+    def buffered(self) -> int:
+        return self.worker.pump_stats()["buffered"]
+
+    @property
+    def queued(self) -> int:
+        # Clients waiting for a channel open. Not self.opens: an open that
+        # completes inside submit() resolves before the dispatcher records it.
+        return len(self.worker.pending)
+
+    def _report(self):
+        report = self.worker.tally.take()
+        self.rtt = report.get("rtt", self.rtt)
+        self.tunnel.counters.apply(self.index, report)
+
     def _state(self, up, reason):
         if up:
+            self.tunnel.counters.session_up(self.index)
             self.tunnel.flush_waiting()
 
     def _finished(self, route_id):
@@ -77,7 +98,7 @@ class LocalWorker:
 
     def submit(self, sock, ticket, peer, opts=None) -> bool:
         self.load += 1
-        self.worker.submit(sock, ticket.route, peer, ticket.conn)
+        self.worker.submit(sock, ticket.route, peer, ticket.conn, accepted=ticket.accepted or None)
         return True
 
     def retire(self, route_id, grace):
@@ -108,6 +129,8 @@ class WorkerProcess:
         self.boot_error = None
         self.health = OpenHealth()
         self.opens = OpenQueue()
+        self.rtt = None         # last keepalive round trip it reported (seconds)
+        self.buffered = 0       # bytes in its pump, as last reported
         self._queries: dict[int, tuple[asyncio.Future, list]] = {}
         self._query_ids = itertools.count(1)
 
@@ -145,6 +168,8 @@ class WorkerProcess:
         self.boot_error = None
         self.health = OpenHealth()
         self.opens = OpenQueue()
+        self.rtt = None
+        self.buffered = 0
         self.started_at = time.monotonic()
         self.first_status = loop.create_future()
         loop.add_reader(parent.fileno(), self._on_ctrl)
@@ -176,6 +201,13 @@ class WorkerProcess:
         self.load -= sum(done.values())
         self.opens.resolved(msg["resolved"])
         self.tunnel.finished(done)
+        self.rtt = msg.get("rtt", self.rtt)
+        self.buffered = msg.get("buf", self.buffered)
+        self.tunnel.counters.apply(self.index, msg)
+
+    @property
+    def queued(self) -> int:
+        return len(self.opens.keys)   # clients handed to it, still waiting for their channel open
 
     def _on_opens(self, msg):
         self.health.report(msg.get("wait"), msg.get("lat"), time.monotonic())
@@ -183,6 +215,7 @@ class WorkerProcess:
     def _on_up(self, msg):
         self.health.clear()
         self.up = not self.draining
+        self.tunnel.counters.session_up(self.index)
         log.info("%s: session up", self.label)
         self.tunnel.flush_waiting()
 
@@ -224,6 +257,8 @@ class WorkerProcess:
         self.ctrl.close()
         self.ctrl = None
         self.up = False
+        self.buffered = 0
+        self.tunnel.counters.worker_gone(self.index)   # what it still carried will never report an end
         for fut, _ in self._queries.values():
             if not fut.done():
                 fut.set_result(None)
@@ -266,7 +301,7 @@ class WorkerProcess:
         return True
 
     def submit(self, sock, ticket, peer, opts=None) -> bool:
-        if not self._send("client", sock.fileno(), conn=ticket.conn, route=ticket.route.to_wire(),
+        if not self._send("client", sock.fileno(), conn=ticket.conn, route=ticket.route.to_wire(), at=ticket.accepted,
                           peer=list(peer) if isinstance(peer, tuple) else peer):
             return False  # try another worker
         sock.close()  # the worker has its own copy now

@@ -71,15 +71,23 @@ async def _run(tunnels, ns, file_config=None) -> int:
     workers = sum(t.opts.workers for t in rt.tunnels.values())
     log.info("ready (pid %d, %d tunnels, %d workers%s)", os.getpid(), len(rt.tunnels), workers,
              f", control socket {ns.control}" if ns.control else "")
+    from .obs.http import serve_metrics
+
+    metrics = await serve_metrics(rt, ns.metrics)   # --metrics: /metrics and /healthz; None when off
     if ns.ready_fd is not None:
-        line = json.dumps({"ready": True, "pid": os.getpid(), "control": ns.control, "listen": listening})
+        line = json.dumps({"ready": True, "pid": os.getpid(), "control": ns.control, "listen": listening,
+                           **({"metrics": metrics.address} if metrics else {})})
         try:
             os.write(ns.ready_fd, (line + "\n").encode())
             os.close(ns.ready_fd)
         except OSError as e:
             log.warning("cannot write readiness to fd %d: %s", ns.ready_fd, e.strerror)
     notify.ready()   # READY=1 + STATUS= (a no-op without $NOTIFY_SOCKET)
-    await rt.serve()
+    try:
+        await rt.serve()
+    finally:
+        if metrics is not None:
+            await metrics.close()
     log.info("stopped")
     return 0
 

@@ -15,6 +15,7 @@ import signal
 import time
 
 from .errors import SshpumpError, UsageError
+from .obs.metrics import Metrics
 from .options import Options
 from .tunnel import TunnelService
 
@@ -36,6 +37,7 @@ class Runtime:
         self._reloading = None
         self.on_stopping = []            # callables, told once when the drain begins (systemd's STOPPING=1)
         self.on_reloaded = []            # callables(applied: dict), after a reload (systemd's STATUS=)
+        self.metrics = Metrics(self)     # totals by tunnel name; .registry for Prometheus (obs/)
         self.on_reloading = []           # callables, when a reload starts (systemd's RELOADING=1)
         self.on_reload_done = []         # callables, when it has ended, applied or not (READY=1 again)
 
@@ -47,7 +49,7 @@ class Runtime:
 
     def _tunnel(self, name: str, opts: Options) -> TunnelService:
         return TunnelService(name, opts, fail_fast=self.single, on_failed=self._tunnel_failed,
-                             prefix="" if self.single else f"tunnel {name}: ")
+                             prefix="" if self.single else f"tunnel {name}: ", counters=self.metrics.tunnel(name))
 
     async def start(self, tunnels: list[tuple[str, Options]]) -> bool:
         """Start the tunnels and the control socket. Raises what stops a

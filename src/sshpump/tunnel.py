@@ -22,6 +22,7 @@ from .cut import arm_reset
 from .dispatch import Dispatcher
 from .errors import ForwardError, SshpumpError
 from .forwards import Forward, ForwardTable
+from .obs.counters import TunnelCounters
 from .options import Options
 from .pool import WorkerPool
 from .routes import Route
@@ -38,16 +39,20 @@ class Ticket(NamedTuple):
 
     route: Route
     conn: int
+    accepted: float = 0.0   # time.monotonic() at accept (open latency is measured from it)
 
 
 class TunnelService:
     """``fail_fast``: a boot error (authentication, host key) ends the tunnel
     and is passed to ``on_failed`` (the CLI and the library then stop with
     it); otherwise (tunnels of a --config file) it is logged once and the
-    tunnel's workers are started again later, with backoff."""
+    tunnel's workers are started again later, with backoff. ``counters``:
+    where its metrics accumulate (the runtime keeps them by tunnel name)."""
 
-    def __init__(self, name: str, opts: Options, *, fail_fast: bool = True, on_failed=None, prefix: str = ""):
+    def __init__(self, name: str, opts: Options, *, fail_fast: bool = True, on_failed=None, prefix: str = "",
+                 counters: TunnelCounters | None = None):
         self.name = name
+        self.counters = counters if counters is not None else TunnelCounters(name)
         self.opts = opts
         self.label = prefix
         self.fail_fast = fail_fast
@@ -156,7 +161,7 @@ class TunnelService:
             fwd.accepted += 1
             fwd.active += 1
             now = time.monotonic()
-            self.dispatcher.dispatch(sock, Ticket(fwd.route, next(_conn_numbers)), peer[:2], now, now)
+            self.dispatcher.dispatch(sock, Ticket(fwd.route, next(_conn_numbers), now), peer[:2], now, now)
 
     def _pause_accepting(self, e):
         """Out of fds: stop accepting for a moment instead of spinning."""

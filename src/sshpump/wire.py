@@ -6,14 +6,18 @@ in the environment). Every other message is a JSON object whose "t" names
 its type; a client's fd rides along its CLIENT message.
 
 master -> worker
-  client  {conn, route, peer} + fd   carry this client (conn: its number, unique in the process run)
+  client  {conn, route, peer, at} + fd   carry this client (conn: its number, unique in the process run;
+                                     at: the master's time.monotonic() at accept, for open latency)
   drain   {grace}                    finish what you carry within grace seconds, then exit
   retire  {route, grace}             a forward was removed: its connections get grace seconds
   query   {id}                       answer with a report (connections and pump stats)
 worker -> master
   up / down {reason}                 the session came up / went down
   fatal   {type, code, msg}          a boot error (authentication, host key): errors.error_to_wire
-  counts  {done: {route: n}, resolved: n}   connections ended (per forward), opens resolved
+  counts  {done: {route: n}, resolved: n, [m], [rtt], [buf]}   connections ended (per forward), opens
+                                     resolved; metrics since the last one (obs.tally.Tally.take: per
+                                     route opened/closed by reason/bytes/failed opens/latency buckets,
+                                     keepalive round trip, pump buffered bytes); once per loop turn
   opens   {wait, lat}                how its channel opens fare (dispatch.OpenHealth)
   draining {reason}                  it got SIGTERM/SIGINT itself
   report  {id, conns, pump}          the answer to a query

@@ -30,6 +30,7 @@ from .cut import client_gone, reset_close
 from .describe import open_reason, peer_text
 from .errors import ChannelOpenError, ConnectTimeoutError, SshpumpError
 from .keepalive import SEND, KeepaliveClock
+from .obs.tally import Tally
 from .options import Options
 from .pump import Pump
 from .routes import Route
@@ -47,6 +48,8 @@ class Worker:
     time since the client was queued (for routing around a stalled session);
     ``on_resolved(n)`` when n clients leave the open queue, opened or not (the
     master keeps a client's later connections in order behind them).
+    What metrics count (opens, ends, failed opens, keepalive round trips)
+    goes to ``self.tally``; its owner sets ``tally.on_news`` and reports.
     """
 
     def __init__(self, opts: Options, name: str = "worker", on_state=None, on_finished=None, on_opened=None,
@@ -64,12 +67,14 @@ class Worker:
         self.pump = None
         self.up = False
         self.pending: deque[Client] = deque()
-        self.carried = Carried(name, opts.verbose, self.on_finished)
+        self.tally = Tally()
+        self.carried = Carried(name, opts.verbose, self.on_finished, self.tally)
         self.retiring: dict[str, float] = {}   # removed forward -> when its connections are cut
         self._closing = False
         self._reconnect_task = None
         self._timer = None
         self.keepalive = KeepaliveClock(opts.server_alive_interval, opts.server_alive_count_max)
+        self._ka_sent = None  # (when, rx mark) of a keepalive whose round trip is being timed
         self.next_conn = 0   # numbers for clients submitted without one (tests, direct use)
 
     # ---- session lifecycle -------------------------------------------------
@@ -95,6 +100,7 @@ class Worker:
         self.loop.add_reader(self.pump.fileno, self._service)
         self.up = True
         self.keepalive.reset(self._rx_mark(), time.monotonic())
+        self._ka_sent = None
         log.info("%s: session up to %s@%s:%d", self.name, self.opts.user, self.opts.host, self.opts.port)
         self.on_state(True, "connected")
         self._service()
@@ -150,8 +156,10 @@ class Worker:
 
     # ---- connections -------------------------------------------------------
 
-    def submit(self, sock: socket.socket, route: Route, peer=None, conn: int | None = None):
-        """Carry one accepted client connection through this worker."""
+    def submit(self, sock: socket.socket, route: Route, peer=None, conn: int | None = None,
+               accepted: float | None = None):
+        """Carry one accepted client connection through this worker
+        (``accepted``: the master's time.monotonic() at accept)."""
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -165,7 +173,7 @@ class Worker:
         if conn is None:
             conn = self.next_conn
             self.next_conn += 1
-        self.pending.append(Client(sock, route, peer, conn))
+        self.pending.append(Client(sock, route, peer, conn, accepted=accepted))
         if self.up:
             self._drive_opens()
 
@@ -230,7 +238,9 @@ class Worker:
             except sx.ChannelFailure:
                 self._dequeue()
                 self.on_opened(time.monotonic() - client.queued_at)
-                err = ChannelOpenError(str(target), open_reason(self.session))
+                why = open_reason(self.session)
+                self.tally.failed(client.route.id, why)
+                err = ChannelOpenError(str(target), why)
                 log.warning("%s: %s (client %s closed)", self.name, err, peer_text(client.peer))
                 reset_close(client.sock)
                 self.on_finished(client.route.id)
@@ -259,6 +269,7 @@ class Worker:
                 self.on_finished(client.route.id)
                 continue
             self.carried.add(cid, client)
+            self.tally.opened(client.route.id, max(0.0, client.opened_at - (client.accepted or client.queued_at)))
             opened += 1
             if self.opts.verbose:
                 log.info(
@@ -280,6 +291,8 @@ class Worker:
             if dead:
                 self._session_failed(dead)
                 return
+            if self._ka_sent is not None:
+                self._keepalive_answered()
             if not self.pending or not self._drive_opens():
                 return
 
@@ -305,7 +318,18 @@ class Worker:
         if self.up and self.opts.server_alive_interval:
             self._keepalive()
 
+    def _keepalive_answered(self):
+        """The keepalive's round trip: from its send to the next bytes the
+        server sent (its reply, or anything before it). Checked when the pump
+        has run, so it is timed to the loop turn that read them."""
+        when, mark = self._ka_sent
+        if self._rx_mark() != mark:
+            self._ka_sent = None
+            self.tally.rtt(time.monotonic() - when)
+
     def _keepalive(self):
+        if self._ka_sent is not None:
+            self._keepalive_answered()
         action = self.keepalive.step(self._rx_mark(), time.monotonic())
         if action is None:
             return
@@ -313,11 +337,14 @@ class Worker:
             self._session_failed(action)
             return
         if self.pump.can_send_small():
+            mark = self._rx_mark()
             try:
                 self.session.keepalive_send()
             except sx.SSH2Error as e:
                 self._session_failed(f"keepalive failed: {type(e).__name__}")
                 return
+            if self._ka_sent is None:   # an unanswered one keeps its start: the wait is the round trip
+                self._ka_sent = (time.monotonic(), mark)
         self.keepalive.sent()
 
     def _expire_pending(self):

@@ -83,6 +83,8 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
     # them) are counted, and sent once per turn of the event loop: under
     # connection churn, one message per connection was a measurable share of
     # both processes' CPU. A turn is short, so the master learns promptly.
+    # What metrics count (worker.tally: opens, ends, bytes, failed opens,
+    # keepalive round trip, pump buffer) rides in the same message.
     done: dict[str, int] = {}   # per forward
     resolved = 0
     flush_pending = False
@@ -96,8 +98,8 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
     def flush_counts():
         nonlocal flush_pending, resolved
         flush_pending = False
-        if done or resolved:
-            send("counts", done=dict(done), resolved=resolved)
+        if done or resolved or worker.tally.news:
+            send("counts", done=dict(done), resolved=resolved, **worker.tally.take())
             done.clear()
             resolved = 0
 
@@ -113,6 +115,7 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
     report = OpenReport(send)
     worker = Worker(opts, name=f"{prefix}worker {index}", on_state=on_state, on_finished=on_finished,
                     on_opened=report.opened, on_resolved=on_resolved)
+    worker.tally.on_news = schedule_flush
     draining = None
 
     def on_client(msg, fd):
@@ -126,7 +129,7 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
         # Also while draining: after the master's DRAIN none come; after
         # our own signal only those the master sent before it heard of
         # the drain, and they are ours to carry (the drain waits for them).
-        worker.submit(socket.socket(fileno=fd), route, peer, msg["conn"])
+        worker.submit(socket.socket(fileno=fd), route, peer, msg["conn"], accepted=msg.get("at"))
 
     def on_query(msg, _fd):
         # Thousands of connections do not fit one datagram: sent in parts,
@@ -195,6 +198,7 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
         nonlocal ticker
         ticker = loop.call_later(REPORT_INTERVAL, tick)
         report.tick(worker.oldest_open_wait())
+        worker.tally.buffered(worker.pump_stats()["buffered"])   # reported only when it changed
 
     ctrl.setblocking(False)
     loop.add_reader(ctrl.fileno(), on_ctrl)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from .describe import err_text, peer_text
+from .logfmt import fields
 from .pump import END_ABORTED, END_NORMAL, END_REASONS, EV_DONE, EV_SESSION_DEAD
 from .routes import Route
 
@@ -81,7 +82,12 @@ class Carried:
         log.log(logging.INFO if routine else logging.WARNING,
                 "%s: conn %d closed %s -> %s: up %d bytes, down %d bytes, %.3fs, %s",
                 self.name, client.conn, peer_text(client.peer), client.route.target, up, down,
-                time.monotonic() - client.opened_at, why)
+                time.monotonic() - client.opened_at, why,
+                extra=fields("conn_close", self, forward=client.route.id, conn=client.conn,
+                             peer=peer_text(client.peer), target=str(client.route.target),
+                             bytes={"up": up, "down": down},
+                             duration=round(time.monotonic() - client.opened_at, 6),
+                             reason=END_REASONS.get(reason, str(reason))))
 
     def clear(self):
         self.active.clear()

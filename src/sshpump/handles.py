@@ -19,6 +19,7 @@ from . import wire
 from .dispatch import OpenHealth, OpenQueue
 from .envsecrets import without_secrets
 from .errors import SshpumpError, WorkerError, error_from_wire
+from .logfmt import fields
 from .options import Options
 from .procsetup import HANDLED_SIGNALS, LOG_FORMAT
 from .worker import Worker
@@ -54,6 +55,8 @@ class LocalWorker:
         self.tunnel = tunnel
         self.index = index
         self.worker = Worker(tunnel.opts, name=(tunnel.label or "sshpump: ").rstrip(": "), on_finished=self._finished)
+        # Its log records name the tunnel and worker, as a worker process's do (logfmt).
+        self.worker.log_context = self.worker.carried.log_context = {"tunnel": tunnel.name, "worker": index}
         self.load = 0
         self.label = self.worker.name
         self.pid = os.getpid()
@@ -216,14 +219,15 @@ class WorkerProcess:
         self.health.clear()
         self.up = not self.draining
         self.tunnel.counters.session_up(self.index)
-        log.info("%s: session up", self.label)
+        log.info("%s: session up", self.label, extra=self._fields("worker_session_up"))
         self.tunnel.flush_waiting()
 
     def _on_down(self, msg):
         self.health.clear()
         self.up = False
         if self.first_status is None or self.first_status.done():
-            log.warning("%s: session down: %s", self.label, msg.get("reason"))
+            log.warning("%s: session down: %s", self.label, msg.get("reason"),
+                        extra=self._fields("worker_session_down", reason=msg.get("reason")))
 
     def _on_fatal(self, msg):
         # Not logged here: the tunnel says it once (pool.boot_failed).
@@ -238,7 +242,8 @@ class WorkerProcess:
         self.up = False
         self.draining = True
         level = logging.INFO if self.stopping or self.tunnel.stopping else logging.WARNING
-        log.log(level, "%s: got %s: draining its connections", self.label, msg.get("reason"))
+        log.log(level, "%s: got %s: draining its connections", self.label, msg.get("reason"),
+                extra=self._fields("worker_draining", reason=msg.get("reason")))
 
     def _on_report(self, msg):
         entry = self._queries.get(msg["id"])
@@ -277,7 +282,8 @@ class WorkerProcess:
             self.tunnel.boot_failed(self, self.boot_error)
             return
         if code == 0 and self.draining:
-            log.warning("%s drained and exited; starting a new worker", self.label)
+            log.warning("%s drained and exited; starting a new worker", self.label,
+                        extra=self._fields("worker_exit", reason="drained"))
             # Not at once: when the whole group was signalled, the master's own
             # SIGTERM may be a moment behind this exit, and then it must not
             # start a worker only to stop it.
@@ -286,10 +292,15 @@ class WorkerProcess:
         if code < 0:
             sig = signal.Signals(-code).name
             hint = " (perhaps out of memory)" if -code == signal.SIGKILL else ""
-            log.warning("%s killed by %s%s; its clients were closed", self.label, sig, hint)
+            log.warning("%s killed by %s%s; its clients were closed", self.label, sig, hint,
+                        extra=self._fields("worker_exit", reason=f"killed by {sig}"))
         else:
-            log.warning("%s exited with code %d; its clients were closed", self.label, code)
+            log.warning("%s exited with code %d; its clients were closed", self.label, code,
+                        extra=self._fields("worker_exit", reason=f"exit code {code}"))
         self.tunnel.respawn(self)
+
+    def _fields(self, event, **values) -> dict:
+        return fields(event, tunnel=self.tunnel.name, worker=self.index, **values)
 
     def _send(self, t, fd=None, **fields) -> bool:
         if self.ctrl is None:
@@ -332,6 +343,6 @@ class WorkerProcess:
         while self.proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.proc.poll() is None:
-            log.warning("%s did not stop in time: killing it", self.label)
+            log.warning("%s did not stop in time: killing it", self.label, extra=self._fields("worker_killed"))
             self.proc.kill()
             self.proc.wait()

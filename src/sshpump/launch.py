@@ -16,6 +16,7 @@ from . import envsecrets
 from .cli import one_line, parse_command_line
 from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import AuthError, SshpumpError, UsageError
+from .logfmt import fields
 from .procsetup import raise_fd_limit, setup_logging
 from .runtime import Runtime
 
@@ -61,16 +62,18 @@ async def _run(tunnels, ns, file_config=None) -> int:
 
     notify = Notifier.from_environ().attach(rt)   # systemd; before any worker: none may inherit $NOTIFY_SOCKET
     if not await rt.start(tunnels):
-        log.info("stopped before ready")
+        log.info("stopped before ready", extra=fields("stopped", reason="before ready"))
         return 0
     listening = rt.listening()
     for entry in listening:
         where = f"tunnel {entry['tunnel']}: " if ns.config else ""
         log.info("%slistening on %s for -L %s (forward %s)", where, _address_text(entry["address"]),
-                 entry["spec"], entry["id"])
+                 entry["spec"], entry["id"],
+                 extra=fields("listening", tunnel=entry["tunnel"], forward=entry["id"],
+                              address=_address_text(entry["address"])))
     workers = sum(t.opts.workers for t in rt.tunnels.values())
     log.info("ready (pid %d, %d tunnels, %d workers%s)", os.getpid(), len(rt.tunnels), workers,
-             f", control socket {ns.control}" if ns.control else "")
+             f", control socket {ns.control}" if ns.control else "", extra=fields("ready"))
     from .obs.http import serve_metrics
 
     metrics = await serve_metrics(rt, ns.metrics)   # --metrics: /metrics and /healthz; None when off
@@ -88,7 +91,7 @@ async def _run(tunnels, ns, file_config=None) -> int:
     finally:
         if metrics is not None:
             await metrics.close()
-    log.info("stopped")
+    log.info("stopped", extra=fields("stopped"))
     return 0
 
 

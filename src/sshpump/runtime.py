@@ -16,6 +16,7 @@ import time
 
 from .errors import SshpumpError, UsageError
 from .obs.metrics import Metrics
+from .logfmt import fields
 from .options import Options
 from .tunnel import TunnelService
 
@@ -81,7 +82,8 @@ class Runtime:
                     raise
                 failures.append(e)
                 del self.tunnels[name]
-                log.error("tunnel %s: %s (not started)", name, e)
+                log.error("tunnel %s: %s (not started)", name, e,
+                          extra=fields("tunnel_failed", tunnel=name, reason=str(e)))
         if tunnels and not self.tunnels:
             raise failures[0]
 
@@ -158,17 +160,19 @@ class Runtime:
             log.info("%s: already stopping", sig.name)
             return
         timeouts = sorted({t.opts.drain_timeout for t in self.tunnels.values()}) or [0]
-        log.info("%s: draining (up to %gs)", sig.name, timeouts[-1])
+        log.info("%s: draining (up to %gs)", sig.name, timeouts[-1], extra=fields("draining", reason=sig.name))
         self.request_stop()
 
     def _on_hup(self):
         if self.config_path is None:
             # A daemon without a configuration file has nothing to reload; a
             # closed terminal or a stray `kill -HUP` must not stop the tunnels.
-            log.warning("SIGHUP: nothing to reload (no configuration file); still running")
+            log.warning("SIGHUP: nothing to reload (no configuration file); still running",
+                        extra=fields("reload_skipped", reason="no configuration file"))
             return
         if self._reloading is not None and not self._reloading.done():
-            log.warning("SIGHUP: a reload is still running; ignored")
+            log.warning("SIGHUP: a reload is still running; ignored",
+                        extra=fields("reload_skipped", reason="a reload is still running"))
             return
         self._reloading = asyncio.ensure_future(self.reload())
 
@@ -191,7 +195,7 @@ class Runtime:
         try:
             new = tunnelfile.load(self.config_path)
         except UsageError as e:
-            log.error("reload: %s; keeping the running tunnels", e)
+            log.error("reload: %s; keeping the running tunnels", e, extra=fields("reload_failed", reason=str(e)))
             raise
         old = self.file_config.tunnels if self.file_config else {}
         for cfg in new.tunnels.values():   # what the file cannot hold comes from the start
@@ -204,7 +208,8 @@ class Runtime:
             if name not in self.tunnels:
                 del new.tunnels[name]
         self.file_config = new
-        log.info("reload: %s", ", ".join(f"{k} {v}" for k, v in applied.items() if v) or "nothing changed")
+        log.info("reload: %s", ", ".join(f"{k} {v}" for k, v in applied.items() if v) or "nothing changed",
+                 extra=fields("reload"))
         for fn in self.on_reloaded:
             fn(applied)
         return applied
@@ -224,7 +229,8 @@ class Runtime:
                     t.remove(spec.spec)
                     applied["forwards removed"] += 1
                 except SshpumpError as e:
-                    log.warning("reload: tunnel %s: %s", name, e)
+                    log.warning("reload: tunnel %s: %s", name, e,
+                                extra=fields("reload_failed", tunnel=name, reason=str(e)))
         for cfg in plan.restarted:
             old = self.tunnels.pop(cfg.name, None)
             if old is not None:
@@ -238,7 +244,8 @@ class Runtime:
                     t.add(spec)
                     applied["forwards added"] += 1
                 except SshpumpError as e:
-                    log.error("reload: tunnel %s: forward %s: %s", name, spec.spec, e)
+                    log.error("reload: tunnel %s: forward %s: %s", name, spec.spec, e,
+                              extra=fields("reload_failed", tunnel=name, reason=str(e)))
         for cfg in plan.added:
             if await self._start_one(cfg.name, cfg.opts):
                 applied["added"].append(cfg.name)
@@ -249,7 +256,8 @@ class Runtime:
         try:
             await t.start()
         except SshpumpError as e:
-            log.error("tunnel %s: %s (not started)", name, e)
+            log.error("tunnel %s: %s (not started)", name, e,
+                      extra=fields("tunnel_failed", tunnel=name, reason=str(e)))
             return False
         self.tunnels[name] = t
         return True

@@ -22,6 +22,7 @@ from .cut import arm_reset
 from .dispatch import Dispatcher
 from .errors import ForwardError, SshpumpError
 from .forwards import Forward, ForwardTable
+from .logfmt import fields
 from .obs.counters import TunnelCounters
 from .options import Options
 from .pool import WorkerPool
@@ -100,7 +101,8 @@ class TunnelService:
                 if self.opts.exit_on_forward_failure or len(specs) == 1:
                     self.table.close_all()
                     raise
-                log.warning("%s%s (forward %s skipped)", self.label, e, spec.spec)
+                log.warning("%s%s (forward %s skipped)", self.label, e, spec.spec,
+                            extra=fields("forward_failed", tunnel=self.name, reason=str(e)))
         if specs and not len(self.table):
             raise ForwardError("no forward could be set up")
 
@@ -122,7 +124,8 @@ class TunnelService:
         fwd = self.table.open(spec, self.opts.gateway_ports)
         if self.state == "running" and not self._accept_paused:
             self._watch(fwd)
-        log.info("%sforward %s added: %s", self.label, fwd.id, _listening(fwd))
+        log.info("%sforward %s added: %s", self.label, fwd.id, _listening(fwd),
+                 extra=fields("forward_added", tunnel=self.name, forward=fwd.id, target=str(fwd.route.target)))
         return fwd
 
     def remove(self, ref: str) -> Forward:
@@ -132,7 +135,8 @@ class TunnelService:
         self._unwatch(fwd)
         self.table.close(fwd)
         self.pool.retire(fwd.route.id, self.opts.drain_timeout)
-        log.info("%sforward %s removed (%s); %d connections draining", self.label, fwd.id, fwd.spec.spec, fwd.active)
+        log.info("%sforward %s removed (%s); %d connections draining", self.label, fwd.id, fwd.spec.spec, fwd.active,
+                 extra=fields("forward_removed", tunnel=self.name, forward=fwd.id, target=str(fwd.route.target)))
         return fwd
 
     def forward_list(self) -> list[dict]:
@@ -166,7 +170,8 @@ class TunnelService:
     def _pause_accepting(self, e):
         """Out of fds: stop accepting for a moment instead of spinning."""
         if not self._emfile_logged:
-            log.warning("%saccept failed: %s; pausing accepts until fds are released", self.label, e.strerror)
+            log.warning("%saccept failed: %s; pausing accepts until fds are released", self.label, e.strerror,
+                        extra=fields("accept_paused", tunnel=self.name, reason=e.strerror))
             self._emfile_logged = True
         self._accept_paused = True
         for fwd in self.table:
@@ -216,7 +221,8 @@ class TunnelService:
         pause = self._retry.pause() or 1.0
         self._retry.failed(answered=True)
         if self.state != "failed":
-            log.error("%s%s; retrying in %.0fs", self.label, err, pause)
+            log.error("%s%s; retrying in %.0fs", self.label, err, pause,
+                      extra=fields("tunnel_retry", tunnel=self.name, reason=str(err)))
         self.state = "failed"
         self.loop.call_later(pause, self._restart_worker, w)
 

@@ -30,6 +30,7 @@ from .cut import client_gone, reset_close
 from .describe import open_reason, peer_text
 from .errors import ChannelOpenError, ConnectTimeoutError, SshpumpError
 from .keepalive import SEND, KeepaliveClock
+from .logfmt import fields
 from .obs.tally import Tally
 from .options import Options
 from .pump import Pump
@@ -101,7 +102,8 @@ class Worker:
         self.up = True
         self.keepalive.reset(self._rx_mark(), time.monotonic())
         self._ka_sent = None
-        log.info("%s: session up to %s@%s:%d", self.name, self.opts.user, self.opts.host, self.opts.port)
+        log.info("%s: session up to %s@%s:%d", self.name, self.opts.user, self.opts.host, self.opts.port,
+                 extra=fields("session_up", self))
         self.on_state(True, "connected")
         self._service()
 
@@ -123,7 +125,8 @@ class Worker:
                     await self._connect()
                     return
                 except SshpumpError as e:
-                    log.warning("%s: reconnect attempt %d failed: %s", self.name, attempt, e)
+                    log.warning("%s: reconnect attempt %d failed: %s", self.name, attempt, e,
+                                extra=fields("reconnect_failed", self, reason=str(e)))
                     backoff.failed(answered=not isinstance(e, ConnectTimeoutError))
         finally:
             self._reconnect_task = None
@@ -132,7 +135,7 @@ class Worker:
         if not self.up:
             return
         self.up = False
-        log.warning("%s: SSH session lost: %s", self.name, reason)
+        log.warning("%s: SSH session lost: %s", self.name, reason, extra=fields("session_lost", self, reason=reason))
         # Make every further send fail at once, so that freeing the channels
         # and the session cannot block or hang on a dead peer.
         try:
@@ -241,7 +244,9 @@ class Worker:
                 why = open_reason(self.session)
                 self.tally.failed(client.route.id, why)
                 err = ChannelOpenError(str(target), why)
-                log.warning("%s: %s (client %s closed)", self.name, err, peer_text(client.peer))
+                log.warning("%s: %s (client %s closed)", self.name, err, peer_text(client.peer),
+                            extra=fields("open_failed", self, forward=client.route.id, conn=client.conn,
+                                         peer=peer_text(client.peer), target=str(target), reason=err.reason))
                 reset_close(client.sock)
                 self.on_finished(client.route.id)
                 continue
@@ -265,7 +270,9 @@ class Worker:
                 cid = self.pump.add(fd, ch)
             except OSError as e:
                 reset_close(socket.socket(fileno=fd))
-                log.warning("%s: cannot carry client %s: %s", self.name, peer_text(client.peer), e)
+                log.warning("%s: cannot carry client %s: %s", self.name, peer_text(client.peer), e,
+                            extra=fields("client_dropped", self, forward=client.route.id, conn=client.conn,
+                                         peer=peer_text(client.peer), target=str(target), reason=str(e)))
                 self.on_finished(client.route.id)
                 continue
             self.carried.add(cid, client)
@@ -276,6 +283,9 @@ class Worker:
                     "%s: conn %d open %s -> %s (%.1f ms after accept)",
                     self.name, client.conn, peer_text(client.peer), target,
                     (client.opened_at - client.queued_at) * 1000,
+                    extra=fields("conn_open", self, forward=client.route.id, conn=client.conn,
+                                 peer=peer_text(client.peer), target=str(target),
+                                 duration=round(client.opened_at - client.queued_at, 6)),
                 )
         if self.pump is not None:
             self.pump.want_in(False)
@@ -355,7 +365,9 @@ class Worker:
         while self.pending and self.pending[0].queued_at < limit:
             client = self._dequeue()
             log.warning(
-                "%s: closing client %s: no SSH session for %.0fs", self.name, peer_text(client.peer), self.opts.client_wait
+                "%s: closing client %s: no SSH session for %.0fs", self.name, peer_text(client.peer), self.opts.client_wait,
+                extra=fields("client_dropped", self, forward=client.route.id, conn=client.conn,
+                             peer=peer_text(client.peer), target=str(client.route.target), reason="no SSH session"),
             )
             reset_close(client.sock)
             self.on_finished(client.route.id)

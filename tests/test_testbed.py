@@ -113,8 +113,7 @@ def test_targets_bulk_speed(targets):
         t = time.perf_counter()
         echo_roundtrip(s, payload, half_close=True)
         rate = n / (time.perf_counter() - t) / 1e9
-    print(f"echo 1 GiB: {rate:.2f} GB/s")
-    assert rate > 0.5
+    print(f"echo 1 GiB: {rate:.2f} GB/s")   # printed, not asserted: timings belong in bench/
 
 
 # ---------------------------------------------------------------- sshd

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -235,3 +236,21 @@ def test_healthz_and_prohibited(sshd, targets):
             m = scrape(p)
             assert val(m, "sshpump_worker_session_up", tunnel="default", worker="0") == 0
             assert p.proc.poll() is None
+
+
+def test_metrics_address_taken(sshd, targets, tmp_path):
+    """A --metrics address in use stops sshpump with exit 6 and one line,
+    after closing what had started (no unix socket file stays behind)."""
+    from helpers import base_args, run_cli
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with taken:
+        path = str(tmp_path / "fwd.sock")
+        args, dest = base_args(sshd)
+        code, err = run_cli(["--workers", "1", "--metrics", f"127.0.0.1:{port}", *args,
+                             "-L", f"{path}:{targets.tcp['echo'][0]}:{targets.tcp['echo'][1]}", dest])
+    assert code == 6, err
+    assert f"--metrics 127.0.0.1:{port}" in err and "in use" in err, err
+    assert not os.path.exists(path)

@@ -76,7 +76,12 @@ async def _run(tunnels, ns, file_config=None) -> int:
              f", control socket {ns.control}" if ns.control else "", extra=fields("ready"))
     from .obs.http import serve_metrics
 
-    metrics = await serve_metrics(rt, ns.metrics)   # --metrics: /metrics and /healthz; None when off
+    try:
+        metrics = await serve_metrics(rt, ns.metrics)   # --metrics: /metrics and /healthz; None when off
+    except SshpumpError:
+        rt.request_stop(0)   # its address is taken: close what started (unix socket files), then say why
+        await rt.serve()
+        raise
     if ns.ready_fd is not None:
         line = json.dumps({"ready": True, "pid": os.getpid(), "control": ns.control, "listen": listening,
                            **({"metrics": metrics.address} if metrics else {})})

@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 
 from .counters import TunnelCounters
-from .tally import BUCKETS, OPEN_FAILURES
+from .tally import BUCKETS, END_LABELS, OPEN_FAILURES, WORKER_LOST
 
 P = "sshpump_"
 FWD = ["tunnel", "forward"]
 WRK = ["tunnel", "worker"]
+CLOSE_REASONS = sorted(set(END_LABELS.values())) + [WORKER_LOST]
 
 
 class Metrics:
@@ -75,8 +76,8 @@ class _Collector:
             for fid, f in c.forwards.items():
                 lab = [tname, fid]
                 opened.add_metric(lab, f.opened)
-                for reason, n in sorted(f.closed.items()):
-                    closed.add_metric(lab + [reason], n)
+                for reason in CLOSE_REASONS:   # every reason, 0 too: an alert's rate() needs the series
+                    closed.add_metric(lab + [reason], f.closed.get(reason, 0))
                 for reason in OPEN_FAILURES:
                     failed.add_metric(lab + [reason], f.failed.get(reason, 0))
                 active.add_metric(lab, f.active)

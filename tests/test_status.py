@@ -16,7 +16,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 
@@ -140,13 +139,13 @@ class Term:
     def __init__(self, path, width=160, height=40, interval=0.2):
         self.dir = tempfile.mkdtemp(prefix="sshpump-status-tmux-")
         self.rc_file = os.path.join(self.dir, "rc")
-        self.sock = f"sshpump-status-{uuid.uuid4().hex[:12]}"
+        self.sock = os.path.join(self.dir, "tmux.sock")   # a private tmux server, removed with the directory
         cmd = (f"{PY} -m sshpump status {path} --watch --interval {interval}; "
                f"echo $? > {self.rc_file}; exec sleep 120")
         self.tmux("new-session", "-d", "-x", str(width), "-y", str(height), "bash", "-c", cmd)
 
     def tmux(self, *args) -> str:
-        r = subprocess.run(["tmux", "-L", self.sock, "-f", "/dev/null", *args], capture_output=True,
+        r = subprocess.run(["tmux", "-S", self.sock, "-f", "/dev/null", *args], capture_output=True,
                            text=True, timeout=10, env={**clean_env(), "TERM": "xterm-256color"})
         assert r.returncode == 0, r
         return r.stdout
@@ -174,7 +173,7 @@ class Term:
         return self.tmux("display", "-p", "#{cursor_flag}").strip() == "1"
 
     def close(self):
-        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
+        subprocess.run(["tmux", "-S", self.sock, "kill-server"], capture_output=True, timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

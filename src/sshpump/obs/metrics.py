@@ -63,7 +63,8 @@ class _Collector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        opened = CounterMetricFamily(P + "connections_opened", "Connections whose channel opened (carried by a worker)", labels=FWD)
+        opened = CounterMetricFamily(P + "connections_opened", "Connections whose channel opened (carried by a worker)",
+                                     labels=FWD)
         closed = CounterMetricFamily(P + "connections_closed", "Carried connections that ended, by end reason "
                                      "(worker_lost: its worker died)", labels=FWD + ["reason"])
         failed = CounterMetricFamily(P + "channel_open_failures", "Channel opens the server refused, by reason",

@@ -39,7 +39,8 @@ MET_IN_THE_FIELD = [
     (["-L", "127.0.0.1\n:0:h:1"], r"bind address '127.0.0.1\n' contains a space or control character"),
     (["-L", "-1:h:80"], "listen port '-1' is not a number"),
     (["-R", "0:h:1", "-L", "0:h:1"], "-R (remote forwarding) is not supported"),
-    (["-D", "1080", "-L", "0:h:1"], "-D (dynamic SOCKS forwarding) is not supported"),
+    (["-D", "99999"], "listen port '99999' is out of range"),
+    (["-D", "a:b:1080"], "expected [bind:]port"),
     (["-L", "0:h:1", "--workers", "٢"], "--workers '٢' is not a number"),
 ]
 
@@ -54,7 +55,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, said):
 
 def test_r_then_spec_then_host_is_not_read_as_a_destination():
     rc, err = run_cli(["-R", "8080:localhost:80", "somehost"], timeout=30)
-    assert rc == 2 and err.strip() == "sshpump: -R (remote forwarding) is not supported: sshpump forwards with -L only"
+    assert rc == 2 and err.strip() == "sshpump: -R (remote forwarding) is not supported yet: sshpump forwards with -L and -D"
 
 
 def test_a_stray_argument_with_a_newline_stays_on_one_line():

@@ -170,27 +170,26 @@ def test_200_concurrent_connections(pump, targets, workers):
 @WORKERS
 def test_target_refused(pump, targets, workers):
     p = pump(tcp_spec(targets.tcp["refuse"]), tcp_spec(targets.tcp["echo"]), workers=workers)
-    t0 = time.monotonic()
-    with connect(p.listen[0], 10) as s:
+
+    def refused_client():
+        """A client of the refused target sees its connection cut (the reset
+        may even come before connect() has returned)."""
         try:
-            s.sendall(b"hello?")
-            data = s.recv(100)
+            with connect(p.listen[0], 10) as s:
+                s.settimeout(10)
+                s.sendall(b"hello?")
+                assert s.recv(100) == b""
         except (ConnectionResetError, BrokenPipeError):
-            data = b""
-    assert data == b""
-    assert time.monotonic() - t0 < 5, "refused target not reported promptly"
+            pass
+
+    refused_client()
     err = p.wait_log("connect failed", timeout=10)
     assert f"{targets.tcp['refuse'][0]}:{targets.tcp['refuse'][1]}" in err
     assert "administratively prohibited" not in err
     # the session and the tunnel survive: both forwards serve the next clients
     with connect(p.listen[1], 10) as s:
         echo_roundtrip(s, b"still alive", half_close=True)
-    with connect(p.listen[0], 10) as s:
-        s.settimeout(10)
-        try:
-            assert s.recv(10) == b""
-        except ConnectionResetError:
-            pass
+    refused_client()
     p.wait_log("connect failed", timeout=10, count=2)
     with connect(p.listen[1], 10) as s:
         echo_roundtrip(s, b"still alive 2", half_close=True)
@@ -288,11 +287,11 @@ def test_faultserver_prohibited_vs_connect_failed(fault, targets):
     with start_pump(fault, "0:127.0.0.1:1", "0:127.0.0.1:2", tcp_spec(targets.tcp["echo"]),
                     workers=0) as p:
         for i, reason in ((0, "administratively prohibited"), (1, "connect failed")):
-            with connect(p.listen[i], 10) as s:
-                try:
+            try:   # the reset may come before connect() has returned
+                with connect(p.listen[i], 10) as s:
                     assert s.recv(10) == b""
-                except ConnectionResetError:
-                    pass
+            except ConnectionResetError:
+                pass
             err = p.wait_log(reason, timeout=10)
         lines = err.splitlines()
         prohibited = [ln for ln in lines if "administratively prohibited" in ln]

@@ -27,6 +27,16 @@ def arm_reset(sock: socket.socket) -> None:
         pass
 
 
+def end_close(sock: socket.socket) -> None:
+    """Close sock with a normal end (FIN), disarming arm_reset: for a client
+    that was answered (a SOCKS refusal) and must get to read the answer."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
 def reset_close(sock: socket.socket) -> None:
     """Close sock so that its peer sees a reset."""
     arm_reset(sock)

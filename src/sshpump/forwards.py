@@ -14,7 +14,7 @@ from .errors import UsageError  # noqa: I001
 from .listeners import close_listener, listener_address, open_listeners
 from .routes import Route
 from .errors import SpecError
-from .spec import LocalForward, parse_local_forward
+from .spec import LocalForward, parse_dynamic_forward, parse_local_forward
 
 _ids = itertools.count(1)
 
@@ -35,7 +35,7 @@ class Forward:
     def info(self, tunnel: str) -> dict:
         return {"id": self.id, "tunnel": tunnel, "spec": self.spec.spec,
                 "listen": [list(a) if isinstance(a, tuple) else a for a in self.addresses],
-                "target": str(self.spec.target), "active": self.active, "accepted": self.accepted}
+                "target": str(self.route), "active": self.active, "accepted": self.accepted}
 
 
 class ForwardTable:
@@ -64,10 +64,13 @@ class ForwardTable:
             return self.by_id[ref]
         matches = [f for f in self.by_id.values() if f.spec.spec == ref]
         if not matches:
-            try:
-                parsed = parse_local_forward(ref)
-            except SpecError:
-                parsed = None
+            parsed = None
+            for parse in (parse_local_forward, parse_dynamic_forward):
+                try:
+                    parsed = parse(ref)
+                    break
+                except SpecError:
+                    continue
             if parsed is not None:
                 matches = [f for f in self.by_id.values()
                            if (f.spec.listen, f.spec.target) == (parsed.listen, parsed.target)]

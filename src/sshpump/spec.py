@@ -43,6 +43,19 @@ class LocalForward:
         return f"{self.listen} -> {self.target}"
 
 
+@dataclass(frozen=True)
+class DynamicForward:
+    """``-D``: listen locally and speak SOCKS (4, 4a, 5); each connection's
+    target is what its client asks for, resolved by the server."""
+
+    listen: Endpoint
+    spec: str
+    target: None = None
+
+    def __str__(self) -> str:
+        return f"{self.listen} -> SOCKS"
+
+
 def _split(spec: str) -> list[str]:
     """Split on ':' outside square brackets, dropping the brackets."""
     parts, cur, depth = [], [], 0
@@ -112,3 +125,23 @@ def parse_local_forward(spec: str) -> LocalForward:
             "or /local/socket:/remote/socket"
         )
     return LocalForward(listen=listen, target=target, spec=spec)
+
+
+def parse_dynamic_forward(spec: str) -> DynamicForward:
+    """Parse one ``-D`` argument, as ssh(1) does: ``[bind:]port``, an IPv6
+    bind address in square brackets; ``*`` or an empty bind: every interface."""
+    if not isinstance(spec, str):
+        raise SpecError(f"bad dynamic forward spec {spec!r}: not a string")
+    if not spec or not spec.strip():
+        raise SpecError("bad dynamic forward spec '': empty")
+    parts = _split(spec)
+    if len(parts) == 1:
+        bind, port = None, parts[0]
+    elif len(parts) == 2:
+        bind = "" if parts[0] == "*" else parts[0]
+        if bind:
+            _checked(spec, validate.host, bind, "bind address", resolved_here=True)
+    else:
+        raise SpecError(f"bad dynamic forward spec {validate.show(spec)}: expected [bind:]port")
+    port_no = _checked(spec, validate.port, parts[-1], "listen port", allow_zero=True)
+    return DynamicForward(listen=Endpoint(host=bind, port=port_no), spec=spec)

@@ -18,7 +18,7 @@ import time
 from typing import NamedTuple
 
 from .backoff import Backoff
-from .cut import arm_reset
+from .cut import arm_reset, reset_close
 from .dispatch import Dispatcher
 from .errors import ForwardError, SshpumpError
 from .forwards import Forward, ForwardTable
@@ -26,7 +26,8 @@ from .logfmt import fields
 from .obs.counters import TunnelCounters
 from .options import Options
 from .pool import WorkerPool
-from .routes import Route
+from .routes import SOCKS, Route
+from .socksaccept import accept_socks
 from .spec import LocalForward
 
 log = logging.getLogger("sshpump")
@@ -69,6 +70,7 @@ class TunnelService:
         self._stopping = False
         self._timer = None
         self._retry = Backoff(opts.reconnect_max, False)
+        self._handshakes: set[asyncio.Task] = set()   # -D clients still in their SOCKS handshake
 
     # ---- start -------------------------------------------------------------
 
@@ -165,7 +167,32 @@ class TunnelService:
             fwd.accepted += 1
             fwd.active += 1
             now = time.monotonic()
+            if fwd.route.kind == SOCKS:
+                self._socks_client(sock, fwd, peer[:2], now)
+                continue
             self.dispatcher.dispatch(sock, Ticket(fwd.route, next(_conn_numbers), now), peer[:2], now, now)
+
+    def _socks_client(self, sock, fwd: Forward, peer, accepted_at):
+        """-D: the SOCKS handshake first (socksaccept.py); the request names
+        this connection's target, and the client goes to a worker with it."""
+        def hand_over(request):
+            self._handshakes.discard(task)
+            if self._stopping:
+                reset_close(sock)
+                self.finished({fwd.id: 1})
+                return
+            route = fwd.route.for_socks_request(request.host, request.port, request.version)
+            self.dispatcher.dispatch(sock, Ticket(route, next(_conn_numbers), accepted_at), peer,
+                                     accepted_at, time.monotonic())
+
+        async def run():
+            await accept_socks(sock, peer, self.label, hand_over)
+            if task in self._handshakes:   # closed during the handshake
+                self._handshakes.discard(task)
+                self.finished({fwd.id: 1})
+
+        task = self.loop.create_task(run())
+        self._handshakes.add(task)
 
     def _pause_accepting(self, e):
         """Out of fds: stop accepting for a moment instead of spinning."""
@@ -266,6 +293,8 @@ class TunnelService:
         if self._timer:
             self._timer.cancel()
         self.close_listeners()
+        for task in list(self._handshakes):
+            task.cancel()   # the client is reset (socksaccept)
         self.dispatcher.close()
         await self.pool.stop(grace)
         self.state = "stopped"

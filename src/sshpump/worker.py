@@ -24,9 +24,10 @@ from ssh2.error_codes import LIBSSH2_ERROR_EAGAIN
 from ssh2.session import LIBSSH2_SESSION_BLOCK_OUTBOUND
 
 from . import session as ssh_session
+from . import socks
 from .backoff import Backoff
 from .carried import Carried, Client
-from .cut import client_gone, reset_close
+from .cut import client_gone, end_close, reset_close
 from .describe import open_reason, peer_text
 from .errors import ChannelOpenError, ConnectTimeoutError, SshpumpError
 from .keepalive import SEND, KeepaliveClock
@@ -37,6 +38,28 @@ from .pump import Pump
 from .routes import Route
 
 log = logging.getLogger("sshpump")
+
+
+def grant(client: Client):
+    """-D: the open succeeded; the client (which waited for this) may talk.
+    Ten bytes into an empty socket buffer: a non-blocking send takes them."""
+    try:
+        client.sock.send(socks.reply(client.route.socks, socks.OK))
+    except OSError:
+        pass   # gone: the pump sees it at once
+
+
+def refuse(client: Client, reason: str):
+    """A failed open: a SOCKS client is told why (and reads it before a
+    normal end); any other client is reset."""
+    if not client.route.socks:
+        reset_close(client.sock)
+        return
+    try:
+        client.sock.send(socks.reply(client.route.socks, socks.open_failure_code(reason)))
+    except OSError:
+        pass
+    end_close(client.sock)
 
 
 class Worker:
@@ -247,7 +270,7 @@ class Worker:
                 log.warning("%s: %s (client %s closed)", self.name, err, peer_text(client.peer),
                             extra=fields("open_failed", self, forward=client.route.id, conn=client.conn,
                                          peer=peer_text(client.peer), target=str(target), reason=err.reason))
-                reset_close(client.sock)
+                refuse(client, err.reason)
                 self.on_finished(client.route.id)
                 continue
             except sx.SSH2Error as e:
@@ -265,6 +288,8 @@ class Worker:
             client.channel = ch
             client.opened_at = time.monotonic()
             self.on_opened(client.opened_at - client.queued_at)
+            if client.route.socks:
+                grant(client)
             fd = client.sock.detach()  # the pump owns the fd now
             try:
                 cid = self.pump.add(fd, ch)

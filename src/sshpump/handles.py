@@ -162,7 +162,7 @@ class WorkerProcess:
         # Forwards travel with each client as routes (routes.py), not here.
         opts = dataclasses.replace(self.tunnel.opts, forwards=[])
         wire.send_config(parent, {"opts": opts, "index": self.index, "name": self.tunnel.label,
-                                  "log_format": LOG_FORMAT["format"]})
+                                  "tunnel": self.tunnel.name, "log_format": LOG_FORMAT["format"]})
         parent.setblocking(False)
         self.ctrl = parent
         self.load = 0

@@ -245,12 +245,8 @@ def main(argv=None) -> int:
         return 1  # the master died before we could arm PDEATHSIG
     config = wire.recv_config(ctrl)
     opts, index = config["opts"], config["index"]
-    name = config.get("name", "")
-    # The label is "tunnel NAME: " with a --config file, else empty: the one
-    # tunnel of the CLI and the library is named "default" (launch.py, aio.py).
-    tunnel = name[len("tunnel "):-len(": ")] if name.startswith("tunnel ") and name.endswith(": ") else "default"
     setup_logging(opts.verbose, prefix=f"sshpump[{os.getpid()}]", log_format=config.get("log_format", "text"),
-                  context={"tunnel": config.get("tunnel", tunnel), "worker": index})
+                  context={"tunnel": config["tunnel"], "worker": index})
     import uvloop
 
     return uvloop.run(_serve(ctrl, opts, index, config.get("name", "")))

@@ -2,8 +2,10 @@
 
 ssh2-python's wheel bundles libssh2 1.11.1 built at -O0, and that libssh2
 encrypts one cipher block per OpenSSL call (see
-``libssh2-whole-packet-crypt.patch``, and ``libssh2-channel-abort.patch``
-for a close that tells the server the stream was cut). We build the same libssh2 source,
+``libssh2-whole-packet-crypt.patch``; ``libssh2-channel-abort.patch`` adds
+a close that tells the server the stream was cut, and
+``libssh2-keepalive-replies.patch`` keeps keepalive replies from being read
+as a remote forward's answer). We build the same libssh2 source,
 patched and optimised, as a drop-in for the bundled copy:
 
 - source: the ssh2-python 1.2.0.post1 sdist (the exact libssh2 its wheel
@@ -39,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PATCHES = [os.path.join(HERE, name) for name in (
     "libssh2-whole-packet-crypt.patch",   # one OpenSSL call per packet, several packets per recv()
     "libssh2-channel-abort.patch",        # libssh2_channel_abort(): CLOSE without EOF
+    "libssh2-keepalive-replies.patch",    # keepalive replies dropped: forward_listen gets its own reply
 )]
 IDENT_SOURCE = os.path.join(HERE, "libssh2_ident.c")
 

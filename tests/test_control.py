@@ -20,7 +20,6 @@ import pytest
 import uvloop
 
 import sshpump
-from sshpump.control import protocol
 from sshpump.control.client import request
 from sshpump.control.protocol import MAX_LINE, ControlError
 from sshpump.control.server import ControlServer

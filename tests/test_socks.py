@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import connect, extra_sshd, start_pump, tcp_spec
+from helpers import connect, extra_sshd, start_pump
 from testbed.client import echo_roundtrip, recv_exactly
 
 WORKERS = pytest.mark.parametrize("workers", [0, 2], ids=["w0", "w2"])

@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 
-import pytest
 
 from helpers import Pump, clean_env, connect, extra_sshd, tcp_spec
 from test_config_file import _tunnel, _write

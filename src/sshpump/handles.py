@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import wire
 from .dispatch import OpenHealth, OpenQueue
@@ -23,6 +23,9 @@ from .logfmt import fields
 from .options import Options
 from .procsetup import HANDLED_SIGNALS, LOG_FORMAT
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .obs.counters import TunnelCounters
 
 log = logging.getLogger("sshpump")
 

@@ -136,7 +136,7 @@ def parse_dynamic_forward(spec: str) -> DynamicForward:
         raise SpecError("bad dynamic forward spec '': empty")
     parts = _split(spec)
     if len(parts) == 1:
-        bind, port = None, parts[0]
+        bind = None
     elif len(parts) == 2:
         bind = "" if parts[0] == "*" else parts[0]
         if bind:

@@ -15,9 +15,13 @@
  * state; actions (sending EOF on, shutting the client's write side) happen
  * once a direction has drained, and move it to DONE when they succeeded.
  * Moving the bytes of each direction is flow.c.
+ *
+ * This file is the bottom of the pump: it calls neither flow.c nor pump.c.
+ * flow.c builds on it, and pump.c on both.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
@@ -46,6 +50,22 @@ void conn_init_once(void)
 #ifdef PUMP_DEBUG
     trace = getenv("SSHPUMP_PUMP_TRACE") != NULL;
 #endif
+}
+
+/* ---- the session, as a connection sees it ------------------------------- */
+
+void session_failed(struct pump *p, int err)
+{
+    if (!p->dead)
+        p->dead = err ? err : -1;
+}
+
+int can_send_small(struct pump *p)
+{
+    struct pollfd pfd = {.fd = p->ssh_fd, .events = POLLOUT};
+    if (p->out_blocked)
+        return 0;
+    return poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLOUT);
 }
 
 /* ---- states: the only writers of c->up, c->down, c->closing ------------- */
@@ -119,7 +139,7 @@ int set_down(struct pump *p, struct conn *c, int to)
 /* Running -> closing, from any direction states, once; the first cause is
    the one reported. Callers that may see a second cause (conn_abort) filter
    it out before: reaching here twice is a bug. */
-static int set_closing(struct pump *p, struct conn *c, int reason, int err)
+int set_closing(struct pump *p, struct conn *c, int reason, int err)
 {
     if (c->closing)
         return refuse(p, c, "conn", "closing", "closing");
@@ -213,7 +233,7 @@ void conn_abort(struct pump *p, struct conn *c, int reason, int err)
     c->hot = 1;
     /* Undeliverable bytes are dropped now, except a write libssh2 may have
        half-sent: only the same call can finish that packet, and until it is
-       finished every other send of the session fails. conn_close_step
+       finished every other send of the session fails. step_close (flow.c)
        completes it first. */
     drop_dbuf(p, c);
     if (!c->wpending)
@@ -221,88 +241,16 @@ void conn_abort(struct pump *p, struct conn *c, int reason, int err)
     client_reset(p, c);
 }
 
-/* Close the channel: EOF (if not sent), CLOSE, wait for the server's CLOSE.
-   Returns 1 when the connection is finished. */
-static int conn_close_step(struct pump *p, struct conn *c)
+/* Send the channel's CLOSE (step_close in flow.c does it once the last
+   bytes and adjusts are out). Returns what libssh2 returned. */
+int conn_close_channel(struct conn *c)
 {
-    int r;
-    if (p->dead)
-        return 1;  /* nothing can be said to a dead session */
-    /* Finish what libssh2 may hold half-sent for this channel (see
-       conn_abort); the data goes to a channel that is about to close. */
-    if (c->wpending) {
-        ssize_t w = libssh2_channel_write_ex(c->ch, 0, c->ubuf + c->uoff,
-                                             c->wlen);
-        if (w == LIBSSH2_ERROR_EAGAIN) {
-            p->out_blocked = 1;
-            return 0;
-        }
-        c->wpending = 0;
-        if (w > 0)
-            c->nup += (unsigned long long)w;
-        drop_ubuf(p, c);
-    }
-    if (c->rpending || c->wadj) {
-        r = finish_adjust(p, c);
-        if (r == LIBSSH2_ERROR_EAGAIN) {
-            p->out_blocked = 1;
-            return 0;
-        }
-    }
-    if (!can_send_small(p)) {
-        p->out_blocked = 1;
-        return 0;
-    }
     /* A cut connection closes its channel without EOF, so the server can
        tell a stream cut short from one that ended; a normal end, or one
        whose EOF is already out, closes as usual. */
     if (c->reason != PUMP_END_NORMAL && c->up != UP_DONE && channel_abort)
-        r = channel_abort(c->ch);
-    else
-        r = libssh2_channel_close(c->ch);
-    if (r == LIBSSH2_ERROR_EAGAIN) {
-        if (libssh2_session_block_directions(p->s) &
-            LIBSSH2_SESSION_BLOCK_OUTBOUND)
-            p->out_blocked = 1;
-        return 0;  /* waiting for the server's CLOSE, or for the socket */
-    }
-    /* Any other error: libssh2 has marked the channel closed anyway. */
-    return 1;
-}
-
-/* ---- one connection, one round ------------------------------------------ */
-
-/* Returns non-zero if anything happened. c is freed when it finished. */
-int conn_step(struct pump *p, struct conn *c)
-{
-    int moved;
-    if (!c->closing) {
-        moved = step_up(p, c);
-        if (!c->closing && !p->dead)
-            moved |= step_down(p, c);
-        /* Both EOFs passed on: close normally. */
-        if (!c->closing && c->up == UP_DONE && c->down == DOWN_DONE) {
-            set_closing(p, c, PUMP_END_NORMAL, 0);
-            moved = 1;
-        }
-        /* The server closed the channel while the client still sends:
-           those bytes have nowhere to go. */
-        if (!c->closing && c->down == DOWN_DONE && c->up != UP_DONE &&
-            !p->dead && libssh2_channel_wait_closed(c->ch) == 0) {
-            conn_abort(p, c,
-                       c->ulen > c->uoff ? PUMP_END_CHANNEL_CLOSED
-                                         : PUMP_END_NORMAL,
-                       0);
-            moved = 1;
-        }
-        if (!c->closing)
-            return moved;
-    }
-    if (conn_close_step(p, c)) {
-        conn_finish(p, c);
-        return 1;
-    }
-    return 0;
+        return channel_abort(c->ch);
+    return libssh2_channel_close(c->ch);
 }
 
 /* Work is pending that no new input will announce: buffered bytes, a send
@@ -312,18 +260,4 @@ int conn_busy(const struct conn *c)
     return c->closing || c->wpending || c->rpending || c->wadj ||
            c->ulen > c->uoff || c->dlen > c->doff || c->up == UP_DRAIN ||
            c->down == DOWN_DRAIN || (c->down == DOWN_DONE && c->up != UP_DONE);
-}
-
-int pump_conn_stats(struct pump *p, int conn, struct pump_conn_stats *out)
-{
-    struct conn *c;
-    if (conn < 0 || conn >= p->cap || !(c = p->conns[conn]))
-        return -1;
-    out->up = c->nup;
-    out->down = c->ndown;
-    out->buffered_up = c->ubuf ? c->ulen - c->uoff : 0;
-    out->buffered_down = c->dbuf ? c->dlen - c->doff : 0;
-    out->up_state = c->closing ? PUMP_STATE_CLOSING : c->up;
-    out->down_state = c->closing ? PUMP_STATE_CLOSING : c->down;
-    return 0;
 }

@@ -2,9 +2,12 @@
  * Moving the bytes of one connection, each direction on its own:
  *   step_up:   client -> our buffer -> channel, then the channel EOF
  *   step_down: channel -> our buffer -> client, then shutdown(SHUT_WR)
+ * and, once the connection is closing, its channel's end:
+ *   step_close: the last half-sent bytes and adjusts, then CLOSE
  * State changes go through set_up()/set_down() and cuts through
  * conn_abort() (conn.c); a refused change has already cut the connection,
- * so the caller returns at once.
+ * so the caller returns at once. This file calls conn.c only; pump.c
+ * calls it (conn_step).
  *
  * libssh2 1.11.1 facts this file is built around (read from its source):
  *  - a session has one outgoing packet buffer. A send that returned EAGAIN
@@ -313,4 +316,49 @@ int step_down(struct pump *p, struct conn *c)
         moved = 1;
     }
     return moved;
+}
+
+/* ---- closing: the channel's end ----------------------------------------- */
+
+/* Close the channel: EOF (if not sent), CLOSE, wait for the server's CLOSE.
+   Returns 1 when the connection is finished. */
+int step_close(struct pump *p, struct conn *c)
+{
+    int r;
+    if (p->dead)
+        return 1;  /* nothing can be said to a dead session */
+    /* Finish what libssh2 may hold half-sent for this channel (see
+       conn_abort); the data goes to a channel that is about to close. */
+    if (c->wpending) {
+        ssize_t w = libssh2_channel_write_ex(c->ch, 0, c->ubuf + c->uoff,
+                                             c->wlen);
+        if (w == LIBSSH2_ERROR_EAGAIN) {
+            p->out_blocked = 1;
+            return 0;
+        }
+        c->wpending = 0;
+        if (w > 0)
+            c->nup += (unsigned long long)w;
+        drop_ubuf(p, c);
+    }
+    if (c->rpending || c->wadj) {
+        r = finish_adjust(p, c);
+        if (r == LIBSSH2_ERROR_EAGAIN) {
+            p->out_blocked = 1;
+            return 0;
+        }
+    }
+    if (!can_send_small(p)) {
+        p->out_blocked = 1;
+        return 0;
+    }
+    r = conn_close_channel(c);  /* without EOF if cut (conn.c) */
+    if (r == LIBSSH2_ERROR_EAGAIN) {
+        if (libssh2_session_block_directions(p->s) &
+            LIBSSH2_SESSION_BLOCK_OUTBOUND)
+            p->out_blocked = 1;
+        return 0;  /* waiting for the server's CLOSE, or for the socket */
+    }
+    /* Any other error: libssh2 has marked the channel closed anyway. */
+    return 1;
 }

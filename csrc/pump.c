@@ -5,14 +5,14 @@
  * This file is the session's part: the epoll loop over the client sockets
  * and the SSH socket, the table of connections, the events returned to
  * Python, and what libssh2 is told about the socket. One connection is
- * conn.c (its states and their setters, cuts, the channel close) and
- * flow.c (its bytes, each direction), whose top comment lists the libssh2
- * facts all three files are built around.
+ * conn.c (its states and their setters, buffers, cuts) and flow.c (its
+ * bytes, each direction, and the channel close), whose top comment lists
+ * the libssh2 facts all three files are built around. This file is the
+ * top: it calls both (conn_step), and neither calls it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <malloc.h>
-#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -262,7 +262,7 @@ static void push_event(struct pump *p, int kind, struct conn *c, int err)
 }
 
 /* The connection is over: close the client, report, recycle the id. */
-void conn_finish(struct pump *p, struct conn *c)
+static void conn_finish(struct pump *p, struct conn *c)
 {
     /* Still open here means both directions ended normally (a cut has
        reset it already). The master armed every client with SO_LINGER 0,
@@ -279,18 +279,39 @@ void conn_finish(struct pump *p, struct conn *c)
     free(c);
 }
 
-void session_failed(struct pump *p, int err)
-{
-    if (!p->dead)
-        p->dead = err ? err : -1;
-}
+/* ---- one connection, one round ------------------------------------------ */
 
-int can_send_small(struct pump *p)
+/* Returns non-zero if anything happened. c is freed when it finished. */
+static int conn_step(struct pump *p, struct conn *c)
 {
-    struct pollfd pfd = {.fd = p->ssh_fd, .events = POLLOUT};
-    if (p->out_blocked)
-        return 0;
-    return poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLOUT);
+    int moved;
+    if (!c->closing) {
+        moved = step_up(p, c);
+        if (!c->closing && !p->dead)
+            moved |= step_down(p, c);
+        /* Both EOFs passed on: close normally. */
+        if (!c->closing && c->up == UP_DONE && c->down == DOWN_DONE) {
+            set_closing(p, c, PUMP_END_NORMAL, 0);
+            moved = 1;
+        }
+        /* The server closed the channel while the client still sends:
+           those bytes have nowhere to go. */
+        if (!c->closing && c->down == DOWN_DONE && c->up != UP_DONE &&
+            !p->dead && libssh2_channel_wait_closed(c->ch) == 0) {
+            conn_abort(p, c,
+                       c->ulen > c->uoff ? PUMP_END_CHANNEL_CLOSED
+                                         : PUMP_END_NORMAL,
+                       0);
+            moved = 1;
+        }
+        if (!c->closing)
+            return moved;
+    }
+    if (step_close(p, c)) {
+        conn_finish(p, c);
+        return 1;
+    }
+    return 0;
 }
 
 int pump_can_send_small(struct pump *p)
@@ -443,6 +464,20 @@ void pump_want_in(struct pump *p, int on)
 {
     p->want_in = on;
     set_ssh_interest(p);
+}
+
+int pump_conn_stats(struct pump *p, int conn, struct pump_conn_stats *out)
+{
+    struct conn *c;
+    if (conn < 0 || conn >= p->cap || !(c = p->conns[conn]))
+        return -1;
+    out->up = c->nup;
+    out->down = c->ndown;
+    out->buffered_up = c->ubuf ? c->ulen - c->uoff : 0;
+    out->buffered_down = c->dbuf ? c->dlen - c->doff : 0;
+    out->up_state = c->closing ? PUMP_STATE_CLOSING : c->up;
+    out->down_state = c->closing ? PUMP_STATE_CLOSING : c->down;
+    return 0;
 }
 
 void pump_get_stats(struct pump *p, struct pump_stats *st)

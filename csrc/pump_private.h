@@ -1,8 +1,12 @@
 /*
  * What the pump's three files share. Not part of the interface: pump.h is.
- *   pump.c  the session: epoll loop, SSH socket, connection table, events
- *   conn.c  one connection: its states and their setters, cuts, channel close
- *   flow.c  one connection's bytes, each direction (the libssh2 facts)
+ * They are layered, each calling only the ones below it:
+ *   pump.c  the session: epoll loop, SSH socket, connection table, events,
+ *           one connection's round (conn_step), the public pump_* calls
+ *   flow.c  one connection's bytes, each direction, and the channel close
+ *           (the libssh2 facts)
+ *   conn.c  one connection: its states and their setters, buffers, cuts;
+ *           what it needs of the session (session_failed, can_send_small)
  */
 #ifndef SSHPUMP_PUMP_PRIVATE_H
 #define SSHPUMP_PUMP_PRIVATE_H
@@ -12,7 +16,7 @@
 #include "libssh2_min.h"
 #include "pump.h"
 
-/* Shared between the two files, never exported from the module. */
+/* Shared between the three files, never exported from the module. */
 #define PUMP_INTERNAL __attribute__((visibility("hidden")))
 
 #define MAX_WRITE 32700       /* libssh2 sends at most this per call */
@@ -78,16 +82,16 @@ struct pump {
     int rx_dry;                     /* this round's recv found the socket empty */
 };
 
-/* pump.c: the session */
+/* conn.c: one connection, and what it needs of the session. set_up/set_down
+   return 0, or -1 when they refused the change and cut the connection (the
+   caller stops there); set_closing returns -1 if it was closing already. */
+PUMP_INTERNAL void conn_init_once(void);
 PUMP_INTERNAL void session_failed(struct pump *p, int err);
 PUMP_INTERNAL int can_send_small(struct pump *p);
-PUMP_INTERNAL void conn_finish(struct pump *p, struct conn *c);
-
-/* conn.c: one connection. set_up/set_down return 0, or -1 when they
-   refused the change and cut the connection (the caller stops there). */
-PUMP_INTERNAL void conn_init_once(void);
 PUMP_INTERNAL int set_up(struct pump *p, struct conn *c, int to);
 PUMP_INTERNAL int set_down(struct pump *p, struct conn *c, int to);
+PUMP_INTERNAL int set_closing(struct pump *p, struct conn *c, int reason,
+                              int err);
 PUMP_INTERNAL void set_owed(struct pump *p, struct conn *c, int rpending,
                             unsigned long wadj);
 PUMP_INTERNAL void drop_ubuf(struct pump *p, struct conn *c);
@@ -97,12 +101,14 @@ PUMP_INTERNAL void client_close(struct pump *p, struct conn *c, int reset);
 PUMP_INTERNAL void client_reset(struct pump *p, struct conn *c);
 PUMP_INTERNAL void conn_abort(struct pump *p, struct conn *c, int reason,
                               int err);
-PUMP_INTERNAL int conn_step(struct pump *p, struct conn *c);
+PUMP_INTERNAL int conn_close_channel(struct conn *c);
 PUMP_INTERNAL int conn_busy(const struct conn *c);
 
-/* flow.c: one connection's bytes. Non-zero on progress. */
+/* flow.c: one connection's bytes. step_up/step_down: non-zero on
+   progress; step_close: 1 when the connection is finished. */
 PUMP_INTERNAL int step_up(struct pump *p, struct conn *c);
 PUMP_INTERNAL int step_down(struct pump *p, struct conn *c);
+PUMP_INTERNAL int step_close(struct pump *p, struct conn *c);
 PUMP_INTERNAL int finish_adjust(struct pump *p, struct conn *c);
 
 #endif

@@ -104,6 +104,33 @@ def test_least_loaded_worker_gets_the_client(clients):
     assert b.opens.holds("10.0.0.1")
 
 
+class InProcessWorker(FakeWorker):
+    """Like --workers 0's LocalWorker: the channel may open (and the client
+    resolve) inside submit() itself."""
+
+    def submit(self, sock, route, peer, opts) -> bool:
+        taken = super().submit(sock, route, peer, opts)
+        if taken:
+            self.resolve(1)
+        return taken
+
+
+def test_an_open_resolved_inside_submit_leaves_no_stale_key(clients):
+    w = InProcessWorker("local")
+    d = make(w)
+    for port in range(3):
+        d.dispatch(clients.new(), ROUTE, peer(port=40000 + port), 0.0, 0.0)
+    assert not w.opens.holds("10.0.0.1") and not w.opens.keys
+
+
+def test_a_refusal_takes_back_the_key(clients):
+    a, b = FakeWorker("a", load=0), FakeWorker("b", load=5)
+    a.refuse = True
+    d = make(a, b)
+    d.dispatch(clients.new(), ROUTE, peer(), 0.0, 0.0)
+    assert not a.opens.holds("10.0.0.1") and b.opens.holds("10.0.0.1")
+
+
 def test_workers_that_are_down_are_not_tried(clients):
     a, b = FakeWorker("a", up=False, load=0), FakeWorker("b", load=9)
     d = make(a, b)

@@ -70,6 +70,13 @@ class OpenQueue:
         self.keys.append(key)
         self.count[key] += 1
 
+    def unpush(self, key: str):
+        """Take back the last push (the worker did not take the client)."""
+        self.keys.pop()
+        self.count[key] -= 1
+        if not self.count[key]:
+            del self.count[key]
+
     def resolved(self, n: int):
         for _ in range(min(n, len(self.keys))):
             key = self.keys.popleft()
@@ -141,9 +148,12 @@ class Dispatcher:
     def _hand_over(self, sock, ticket, peer, now) -> bool:
         key = client_key(peer)
         for w in self.pick(now, key):
+            # Pushed first: an in-process worker may open (and resolve) the
+            # client inside submit(), and its resolve must find the key.
+            w.opens.push(key)
             if w.submit(sock, ticket, peer, self.opts):
-                w.opens.push(key)
                 return True
+            w.opens.unpush(key)
         return False
 
     def flush(self, now):

@@ -266,7 +266,11 @@ class WorkerProcess:
         self.ctrl = None
         self.up = False
         self.buffered = 0
-        self.tunnel.counters.worker_gone(self.index)   # what it still carried will never report an end
+        # What it still carried will never report an end: closed for the
+        # metrics, and no longer active in the forwards' counts.
+        lost = self.tunnel.counters.worker_gone(self.index)
+        if lost:
+            self.tunnel.finished(lost)
         for fut, _ in self._queries.values():
             if not fut.done():
                 fut.set_result(None)

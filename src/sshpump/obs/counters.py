@@ -74,9 +74,13 @@ class TunnelCounters:
         reconnecting, or by its replacement after it died)."""
         return max(0, self.sessions.get(index, 0) - 1)
 
-    def worker_gone(self, index: int):
-        """A worker process ended: what it still carried is closed."""
+    def worker_gone(self, index: int) -> dict[str, int]:
+        """A worker process ended: what it still carried is closed.
+        Returns those connections per forward."""
+        lost = {}
         for rid, n in self._carried.pop(index, {}).items():
             if n > 0:
                 f = self.forward(rid)
                 f.closed[WORKER_LOST] = f.closed.get(WORKER_LOST, 0) + n
+                lost[rid] = n
+        return lost

@@ -157,7 +157,7 @@ def test_round_trip(served, handler):
     assert [f["id"] for f in request(served.path, "list", None)["forwards"]] == ["f1"]
     assert request(served.path, "remove", {"forward": "8080:web:80"})["draining"] == 2
     assert request(served.path, "list", {}) == {"forwards": []}
-    assert handler.calls[1] == ("add", {"spec": "8080:web:80", "tunnel": None})
+    assert handler.calls[1] == ("add", {"spec": "8080:web:80", "kind": None, "tunnel": None})
 
 
 def test_pipelined_requests_on_one_connection(served):

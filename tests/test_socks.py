@@ -5,9 +5,11 @@ hostile handshakes closed within a bounded time."""
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -133,3 +135,40 @@ def test_hostile_handshakes_are_closed_within_a_bounded_time(pump, targets):
     with s:
         assert code == 0
         echo_roundtrip(s, b"still serving", half_close=True)
+
+
+def _curl(proxy_addr, web, proto="socks5h", path="/x"):
+    r = subprocess.run(["curl", "-sS", "--max-time", "20", "--proxy", f"{proto}://{proxy_addr[0]}:{proxy_addr[1]}",
+                        f"http://localhost:{web[1]}{path}"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout == f"hello from {path}\n", r.stderr
+    return r.stdout
+
+
+@WORKERS
+def test_socks_forwards_added_at_runtime_library_and_control(sshd, web, workers):
+    import sshpump
+
+    kw = dict(port=sshd.port, identity=sshd.client_key, known_hosts=sshd.known_hosts, identities_only=True,
+              use_agent=False, workers=workers)
+    with sshpump.forward(f"{sshd.user}@{sshd.host}", dynamic=["0"], **kw) as t:
+        first = t.forwards[0]
+        assert first.target == "SOCKS"
+        _curl(first.address, web, path="/from-forward")
+        extra = t.add("127.0.0.1:0", kind="D")
+        _curl(extra.address, web, path="/added")
+        t.remove(extra)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(extra.address, 5).close()
+        _curl(first.address, web, path="/still")
+
+
+def test_ctl_add_d(pump, web):
+    p = pump(extra=("-D", "0"))
+    added = p.ctl("add", spec="0", kind="D")
+    assert added["target"] == "SOCKS"
+    _curl(tuple(added["listen"][0]), web, path="/via-ctl")
+    rc = subprocess.run([sys.executable, "-m", "sshpump", "ctl", p.control, "add", "-D", "0", "--json"],
+                        capture_output=True, text=True, timeout=30)
+    assert rc.returncode == 0 and json.loads(rc.stdout)["target"] == "SOCKS", rc.stderr
+    for fid in (added["id"], json.loads(rc.stdout)["id"]):
+        p.ctl("remove", forward=fid)   # the teardown counts fds: listeners included

@@ -90,6 +90,33 @@ def test_a_minimal_tunnel_gets_the_cli_defaults(here):
     assert o.forwards[0].listen == Endpoint(host=None, port=0)
 
 
+def test_dynamic_forwards_beside_or_instead_of_forwards(here):
+    cfg = load_text("""
+        [tunnels.both]
+        destination = "h"
+        forwards = ["0:db:5432"]
+        dynamic_forwards = ["1080", "[::1]:1081"]
+
+        [tunnels.socks]
+        destination = "h2"
+        dynamic_forwards = ["127.0.0.1:0"]
+    """)
+    both = cfg.tunnels["both"].opts.forwards
+    assert [type(f).__name__ for f in both] == ["LocalForward", "DynamicForward", "DynamicForward"]
+    assert both[2].listen == Endpoint(host="::1", port=1081)
+    assert [f.spec for f in cfg.tunnels["socks"].opts.forwards] == ["127.0.0.1:0"]
+    assert "dynamic_forwards[0]" in error_of("""
+        [tunnels.t]
+        destination = "h"
+        dynamic_forwards = ["a:b:1080"]
+    """)
+    assert "forwards is missing" in error_of("""
+        [tunnels.t]
+        destination = "h"
+        dynamic_forwards = []
+    """)
+
+
 def test_every_tunnel_key(here):
     o = load_text("""
         control = "~/pump.sock"

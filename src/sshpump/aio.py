@@ -88,9 +88,10 @@ class AsyncTunnel:
         """The first forward's first listening address."""
         return self.forwards[0].address
 
-    def add(self, spec: str) -> Forward:
-        """Listen for one more -L spec now; raises SpecError/ForwardError."""
-        return Forward.from_info(commands.add(self._runtime, spec))
+    def add(self, spec: str, kind: str = "L") -> Forward:
+        """Listen for one more forward now: an -L spec, or with kind="D" a
+        -D [bind:]port (a SOCKS proxy); raises SpecError/ForwardError."""
+        return Forward.from_info(commands.add(self._runtime, spec, kind=kind))
 
     def remove(self, forward) -> None:
         """Stop listening for a forward (a Forward, its id or its spec) at

@@ -91,10 +91,11 @@ class Tunnel:
         """The first forward's listening address: (host, port) or a unix path."""
         return self.addresses[0]
 
-    def add(self, spec: str) -> Forward:
-        """Listen for one more -L spec now; returns the Forward (its id and
+    def add(self, spec: str, kind: str = "L") -> Forward:
+        """Listen for one more forward now: an -L spec, or with kind="D" a
+        -D [bind:]port (a SOCKS proxy); returns the Forward (its id and
         bound addresses). Raises SpecError or ForwardError."""
-        return self._call(self._aio.add, spec)
+        return self._call(self._aio.add, spec, kind)
 
     def remove(self, forward) -> None:
         """Stop listening for a forward (a Forward, its id or its spec) at

@@ -11,7 +11,7 @@ import os
 import time
 
 from .errors import UsageError
-from .spec import parse_local_forward
+from .spec import parse_dynamic_forward, parse_local_forward
 
 
 def pick_tunnel(rt, name):
@@ -24,9 +24,16 @@ def pick_tunnel(rt, name):
     return next(iter(rt.tunnels.values()))
 
 
-def add(rt, spec: str, tunnel: str | None = None) -> dict:
+PARSERS = {"L": parse_local_forward, "D": parse_dynamic_forward}
+
+
+def add(rt, spec: str, tunnel: str | None = None, kind: str | None = None) -> dict:
+    """kind: "L" (the default) or "D", as ssh's -L and -D."""
+    parse = PARSERS.get(kind or "L")
+    if parse is None:
+        raise UsageError(f"forward kind {kind!r} is not L or D")
     t = pick_tunnel(rt, tunnel)
-    fwd = t.add(parse_local_forward(spec))
+    fwd = t.add(parse(spec))
     return fwd.info(t.name)
 
 
@@ -80,7 +87,7 @@ async def run_command(rt, cmd: str, args: dict):
     if cmd == "ping":
         return {"pid": os.getpid()}
     if cmd == "add":
-        return add(rt, _text(args, "spec"), args.get("tunnel"))
+        return add(rt, _text(args, "spec"), args.get("tunnel"), args.get("kind"))
     if cmd == "remove":
         return remove(rt, _text(args, "forward"), args.get("tunnel"))
     if cmd == "list":

@@ -32,6 +32,8 @@ Tunnel keys (the Options fields a file may set, with TOML types):
 ====================================  ==========================================
 ``destination`` (required)            ``"[user@]host"``; ``"user@[::1]"`` for IPv6
 ``forwards`` (required)               non-empty list of ``-L`` spec strings
+``dynamic_forwards``                  list of ``-D`` specs ([bind:]port), SOCKS proxies;
+                                      with one, ``forwards`` may be left out
 ``options``                           list of ``"Key=value"`` strings, as ``-o``
 ``port``                              integer 1-65535 (default 22)
 ``user``                              string (default: destination's, else $USER)

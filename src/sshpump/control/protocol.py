@@ -53,7 +53,7 @@ def _opt_seconds(value):
 # Per command: argument name -> (check, required). Unknown names are refused:
 # a misspelt argument must not be silently ignored.
 COMMANDS = {
-    "add": {"spec": (_text, True), "tunnel": (_opt_text, False)},
+    "add": {"spec": (_text, True), "kind": (_opt_text, False), "tunnel": (_opt_text, False)},
     "remove": {"forward": (_text, True), "tunnel": (_opt_text, False)},
     "list": {},
     "connections": {},

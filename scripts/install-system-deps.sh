@@ -34,7 +34,8 @@ PKGS=(
     iproute2            # ip netns / veth: the partition tests (testbed/netns.py)
     haproxy             # the scale-out recipe: two sshpumps behind HAProxy (tests/test_haproxy.py)
     tmux                # sshpump status --watch in a real terminal (tests/test_status.py)
-    curl                # scraping /metrics as a user would (tests/test_metrics.py)
+    curl                # scraping /metrics as a user would (tests/test_metrics.py); SOCKS client (tests/test_socks.py)
+    proxychains4        # psql through -D (tests/test_socks.py)
     # building sshpump's patched libssh2 (csrc/build_libssh2.py)
     gcc
     patch

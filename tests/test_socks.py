@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import shutil
 import socket
 import struct
 import subprocess
@@ -172,3 +173,19 @@ def test_ctl_add_d(pump, web):
     assert rc.returncode == 0 and json.loads(rc.stdout)["target"] == "SOCKS", rc.stderr
     for fid in (added["id"], json.loads(rc.stdout)["id"]):
         p.ctl("remove", forward=fid)   # the teardown counts fds: listeners included
+
+
+def test_psql_through_the_socks_proxy(pump, postgres, tmp_path):
+    """A PostgreSQL client that knows nothing of SOCKS, sent through -D by
+    proxychains4 (LD_PRELOAD), with the database's name resolved server-side."""
+    if not shutil.which("proxychains4"):
+        pytest.skip("proxychains4 not installed; run scripts/install-system-deps.sh")
+    p = pump(extra=("-D", "0"), workers=2)
+    conf = tmp_path / "proxychains.conf"
+    conf.write_text("strict_chain\nquiet_mode\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n"
+                    f"[ProxyList]\nsocks5 {p.address[0]} {p.address[1]}\n")
+    for host in ("127.0.0.1", "localhost"):
+        r = subprocess.run(["proxychains4", "-f", str(conf),
+                            *postgres.psql_command("-tAc", "select 40 + 2", host=host)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "42", r.stderr

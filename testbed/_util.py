@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 
-# One copy of these, shared with `sshpump demo` (the package's throwaway-sshd tools).
-from sshpump.demo.sshtools import descendants as children_of  # noqa: F401
-from sshpump.demo.sshtools import free_port, kill_pids, read_from  # noqa: F401
+
+def free_port(host: str = "127.0.0.1", also_v6: bool = False) -> int:
+    """Bind port 0, read the port, close.  Racy by nature; callers retry."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if not also_v6:
+            return port
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
+                s6.bind(("::1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("could not find a free port")
 
 
 def ipv6_loopback_available() -> bool:
@@ -17,6 +32,15 @@ def ipv6_loopback_available() -> bool:
         return True
     except OSError:
         return False
+
+
+def read_from(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def stat_fields(pid) -> list[str] | None:
@@ -38,6 +62,25 @@ def tune_socket(sock, bufsize: int = 1 << 20) -> None:
             pass
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def children_of(pid: int) -> list[int]:
+    """All descendant pids of ``pid`` (via /proc), deepest last."""
+    ppids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        rest = stat_fields(d)
+        if rest is None:
+            continue
+        ppids.setdefault(int(rest[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in ppids.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 def tcp_ports_by_inode() -> dict[int, tuple[int, int]]:
@@ -73,6 +116,14 @@ def socket_inodes(pid: int) -> set[int]:
         if target.startswith("socket:["):
             out.add(int(target[8:-1]))
     return out
+
+
+def kill_pids(pids, sig=signal.SIGKILL):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):

@@ -51,6 +51,11 @@ class Options:
     drain_timeout: float = 10.0   # grace period on SIGTERM/SIGINT
     reconnect_max: float = 30.0   # cap of the reconnect backoff
     verbose: int = 0
+    # How the TCP stream to the server is made (issue 10): jump hosts as
+    # ssh -J writes them ("[user@]host[:port]", first hop first), or a
+    # ProxyCommand with its %-tokens not yet expanded. Both empty: TCP.
+    proxy_jump: list[str] = field(default_factory=list)
+    proxy_command: str | None = None
 
     def identity_files(self) -> list[str]:
         if self.identities:

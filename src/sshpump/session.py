@@ -160,9 +160,7 @@ def _open_control_channel(session, opts: Options):
         return None
 
 
-def connect(opts: Options):
-    """Return (session, sock, control channel or None): authenticated,
-    non-blocking, host key verified."""
+def _tcp_connect(opts: Options) -> socket.socket:
     timeout = opts.connect_timeout
     try:
         sock = tcpconn.connect(opts.host, opts.port, timeout)
@@ -172,8 +170,20 @@ def connect(opts: Options):
         raise ConnectTimeoutError(f"connection to {opts.host} port {opts.port} timed out") from None
     except OSError as e:
         raise ConnectError(f"connect to {opts.host} port {opts.port}: {e.strerror or e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def connect(opts: Options, stream: socket.socket | None = None, control: bool = True):
+    """Return (session, sock, control channel or None): authenticated,
+    non-blocking, host key verified. ``stream``: a connected socket to run
+    the session over instead of a TCP connection to opts.host (one end of a
+    socketpair to a ProxyCommand or a jump host's channel); it is ours from
+    here on, closed on failure. ``control``: open the idle control channel
+    (a jump host's session carries a channel all its life: it needs none)."""
+    timeout = opts.connect_timeout
+    sock = stream if stream is not None else _tcp_connect(opts)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(True)
         session = Session()
         session.set_timeout(int(timeout * 1000) if timeout else 0)
@@ -190,15 +200,18 @@ def connect(opts: Options):
             authenticate(session, opts)
         except sx.SSH2Error as e:
             raise ConnectError(f"{opts.host}: session failed during auth: {_auth_error_text(e)}") from None
-        control = _open_control_channel(session, opts)
-        cap = tcpconn.cap_retransmit(sock)
-        log.debug("%s: TCP retransmissions %s", opts.host,
-                  f"at most {cap} ms apart" if cap else "uncapped (kernel before 6.15)")
+        channel = _open_control_channel(session, opts) if control else None
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # TCP only: a socketpair has no retransmissions to cap; the
+            # hop's own TCP connection has its cap.
+            cap = tcpconn.cap_retransmit(sock)
+            log.debug("%s: TCP retransmissions %s", opts.host,
+                      f"at most {cap} ms apart" if cap else "uncapped (kernel before 6.15)")
         session.set_timeout(0)
         session.keepalive_config(True, 1)  # we decide when; libssh2 only rate-limits
         session.set_blocking(False)
         sock.setblocking(False)
-        return session, sock, control
+        return session, sock, channel
     except BaseException:
         sock.close()
         raise

@@ -21,7 +21,7 @@ from collections import deque
 
 import ssh2.exceptions as sx
 
-from . import session as ssh_session
+from . import hops
 from .backoff import Backoff
 from .carried import Carried, Client
 from .cut import reset_close
@@ -62,6 +62,7 @@ class Worker(ChannelOpens):
         self.session = None
         self.sock = None
         self.control = None
+        self.stream = None   # ProxyCommand or jump chain the session runs over (hops.py); None: TCP
         self.pump = None
         self.up = False
         self.pending: deque[Client] = deque()
@@ -90,8 +91,8 @@ class Worker(ChannelOpens):
         self._schedule_reconnect("starting", first=True)
 
     async def _connect(self):
-        session, sock, control = await asyncio.to_thread(ssh_session.connect, self.opts)
-        self.session, self.sock, self.control = session, sock, control
+        session, sock, control, stream = await hops.connect(self.opts, self.name, self._session_failed)
+        self.session, self.sock, self.control, self.stream = session, sock, control, stream
         self.pump = Pump(session, sock.fileno(), self.opts.bufsize, self.opts.window)
         if control is not None:
             self.pump.set_control(control)
@@ -99,8 +100,8 @@ class Worker(ChannelOpens):
         self.up = True
         self.keepalive.reset(self._rx_mark(), time.monotonic())
         self._ka_sent = None
-        log.info("%s: session up to %s@%s:%d", self.name, self.opts.user, self.opts.host, self.opts.port,
-                 extra=fields("session_up", self))
+        log.info("%s: session up to %s@%s:%d%s", self.name, self.opts.user, self.opts.host, self.opts.port,
+                 f" via {stream.via}" if stream else "", extra=fields("session_up", self))
         self.on_state(True, "connected")
         self._service()
 
@@ -151,6 +152,7 @@ class Worker(ChannelOpens):
         self.session = None
         self.sock.close()
         self.sock = None
+        self._close_stream()
         self.on_state(False, reason)
         self._schedule_reconnect(reason)
 
@@ -214,6 +216,8 @@ class Worker(ChannelOpens):
             self._cut_retired()
         if self.up and self.opts.server_alive_interval:
             self._keepalive()
+        if self.up and self.stream is not None and self.opts.server_alive_interval:
+            self.stream.keepalive(time.monotonic())   # every jump host's keepalives
 
     def _keepalive_answered(self):
         """The keepalive's round trip: from its send to the next bytes the
@@ -288,4 +292,11 @@ class Worker(ChannelOpens):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self._close_stream()
         self.up = False
+
+    def _close_stream(self):
+        """After the session over it: end the ProxyCommand or jump chain."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None

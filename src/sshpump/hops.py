@@ -1,0 +1,132 @@
+"""The hops between this machine and the SSH server, and how the stream to
+the server is made: a TCP connection (no hop), a ProxyCommand's stdin and
+stdout (proxycommand.py), or a chain of jump hosts (jumpchain.py).
+
+A jump host is written as ``ssh -J`` writes it: ``[user@]host[:port]``,
+``[user@][v6addr]:port`` or ``ssh://[user@]host[:port]``. Each hop is
+reached with the destination's settings (identities, known_hosts,
+StrictHostKeyChecking, ConnectTimeout, keepalives, ciphers) unless its spec
+gives its own user or port, as ssh does for a hop with no Host block of its
+own in the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from . import session as ssh_session
+from . import validate
+from .errors import ConnectError, SshpumpError, UsageError
+from .options import Options
+
+
+@dataclasses.dataclass(frozen=True)
+class HopSpec:
+    host: str
+    port: int | None = None
+    user: str | None = None
+
+
+def parse_hop(text: str) -> HopSpec:
+    """One ``-J`` element as a HopSpec; raises UsageError."""
+    what = f"jump host {validate.show(text)}"
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError("empty jump host")
+    rest = text.strip()
+    if rest.startswith("ssh://"):
+        rest = rest[len("ssh://"):].rstrip("/")
+    user, at, hostport = rest.rpartition("@")
+    if at and not user:
+        raise UsageError(f"{what}: empty user name")
+    port = None
+    if hostport.startswith("["):
+        host, bracket, after = hostport[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise UsageError(f"{what}: expected [address]:port")
+        port_text = after[1:] if after else None
+    elif hostport.count(":") == 1:
+        host, _, port_text = hostport.partition(":")
+    else:
+        host, port_text = hostport, None   # a name, or a bare IPv6 address
+    if port_text is not None:
+        port = validate.port(port_text, what)
+    validate.host(host, what, resolved_here=True)
+    return HopSpec(host=host, port=port, user=validate.user(user, what) if user else None)
+
+
+def hop_options(base: Options, hop: str) -> Options:
+    """The Options of one jump host: a copy of the destination's, its host,
+    port and user replaced by the hop's (port 22 and the destination's user
+    when the spec has none), with no forwards and no proxy of its own (the
+    chain decides how it is reached)."""
+    spec = parse_hop(hop)
+    # Where the config helper may later resolve the hop's own settings
+    # (``ssh -G hop``): one call here, on the returned Options.
+    return dataclasses.replace(
+        base, host=spec.host, port=spec.port or 22, user=spec.user or base.user,
+        forwards=[], proxy_jump=[], proxy_command=None,
+        identities=list(base.identities), known_hosts=list(base.known_hosts),
+    )
+
+
+def hop_name(opts: Options) -> str:
+    """How an error names a jump host: as ssh names a host it connects to."""
+    return f"jump host {opts.host} port {opts.port}"
+
+
+def proxy_of(opts: Options) -> str | None:
+    """The ProxyCommand that makes the stream, if any ("none" is none, as in ssh)."""
+    cmd = opts.proxy_command
+    if cmd is None or cmd.strip().lower() == "none" or not cmd.strip():
+        return None
+    return cmd
+
+
+def check_transport(opts: Options) -> None:
+    """ssh takes one of ProxyJump and ProxyCommand (whichever the config
+    names first); both reaching here is a mistake of whoever filled them."""
+    if opts.proxy_jump and proxy_of(opts) is not None:
+        raise UsageError("ProxyJump and ProxyCommand cannot both be set")
+    for hop in opts.proxy_jump:
+        parse_hop(hop)
+
+
+async def open_stream(opts: Options, name: str, on_lost):
+    """The stream the session to ``opts.host`` runs over, when it is not a
+    plain TCP connection (then None): an object with ``sock`` (one end of a
+    socketpair, handed to session.connect, which owns it from then on),
+    ``via`` (a few words for the log), ``keepalive(now)`` and ``close()``.
+    ``on_lost(reason)`` is called when the stream dies under a session."""
+    check_transport(opts)
+    command = proxy_of(opts)
+    if command is not None:
+        from .proxycommand import ProxyCommand
+        return ProxyCommand.start(command, opts, name, on_lost)
+    if opts.proxy_jump:
+        from .jumpchain import JumpChain
+        return await JumpChain.build(opts, name, on_lost)
+    return None
+
+
+async def connect(opts: Options, name: str, on_lost):
+    """session.connect, over the stream the options ask for. Returns
+    (session, sock, control channel or None, stream or None); the stream
+    must be closed after the session (Worker does). When the login fails
+    because the stream died (a ProxyCommand that exited, a jump host lost
+    on the way), that is the error reported, as ConnectError."""
+    stream = await open_stream(opts, name, on_lost)
+    if stream is None:
+        return (*await asyncio.to_thread(ssh_session.connect, opts), None)
+    try:
+        session, sock, control = await asyncio.to_thread(ssh_session.connect, opts, stream.sock)
+    except SshpumpError as e:
+        why = await stream.why_dead()
+        stream.close()
+        if why:
+            raise ConnectError(why) from None
+        raise
+    except BaseException:
+        stream.close()
+        raise
+    return session, sock, control, stream

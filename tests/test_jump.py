@@ -232,6 +232,14 @@ def test_proxycommand_that_exits_at_once_fails_the_start(sshd, targets):
     assert not [p for p in _nc_children("") if p]
 
 
+def test_proxyjump_and_proxycommand_are_exclusive(sshd, targets):
+    echo = targets.tcp["echo"]
+    with pytest.raises(UsageError, match="cannot both be set"):
+        sshpump.forward(f"{sshd.user}@{sshd.host}", f"0:{echo[0]}:{echo[1]}", port=sshd.port,
+                        identity=sshd.client_key, known_hosts=sshd.known_hosts, proxy_command="nc %h %p",
+                        proxy_jump=[f"127.0.0.1:{sshd.port}"])
+
+
 def test_proxycommand_unknown_token_is_an_error(sshd, targets):
     echo = targets.tcp["echo"]
     with pytest.raises(UsageError, match="unknown token %x"):
@@ -315,9 +323,11 @@ def test_jump_restart_cuts_then_serves_again(behind):
             assert len(_direct_tcpip_lines(jump, behind.target.port)) >= 1   # this run of the jump carried it
 
 
-def test_dead_hop_keepalives(behind):
+def test_dead_hop_keepalives(behind, caplog):
     """A jump host that stops answering (SIGSTOP) is found dead by its own
-    keepalives, and the chain is rebuilt when it answers again."""
+    keepalives (the reason names it), and the chain is rebuilt when it
+    answers again."""
+    caplog.set_level("WARNING", logger="sshpump")
     with behind.jump_sshd() as jump:
         kw = behind.kw(behind.jump_spec(jump), more_servers=[jump], reconnect_max=1, **FAST_KEEPALIVES)
         with sshpump.forward(behind.dest, behind.spec("echo"), **kw) as t:
@@ -333,6 +343,8 @@ def test_dead_hop_keepalives(behind):
                     os.kill(p, signal.SIGCONT)
             wait_for(lambda: _workers_up(t), 20, what="the chain rebuilt")
             _exercise(t.local_address, "after-stop")
+    lost = [r.getMessage() for r in caplog.records if "SSH session lost" in r.getMessage()]
+    assert lost and f"jump host {jump.host} port {jump.port}: server not responding" in lost[0], lost
 
 
 def _sshd_session_pids(server) -> list[int]:

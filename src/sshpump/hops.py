@@ -84,12 +84,20 @@ def proxy_of(opts: Options) -> str | None:
 
 
 def check_transport(opts: Options) -> None:
-    """ssh takes one of ProxyJump and ProxyCommand (whichever the config
-    names first); both reaching here is a mistake of whoever filled them."""
+    """The hop specs and the ProxyCommand's tokens are valid; raises
+    UsageError. ssh takes one of ProxyJump and ProxyCommand (whichever the
+    config names first): both reaching here is a mistake of whoever filled
+    them. Cheap and offline: meant for the option check before start too."""
     if opts.proxy_jump and proxy_of(opts) is not None:
         raise UsageError("ProxyJump and ProxyCommand cannot both be set")
+    if not isinstance(opts.proxy_jump, (list, tuple)):
+        raise UsageError(f"proxy_jump must be a list of [user@]host[:port], not {opts.proxy_jump!r}")
     for hop in opts.proxy_jump:
         parse_hop(hop)
+    command = proxy_of(opts)
+    if command is not None:
+        from .proxycommand import expand_tokens
+        expand_tokens(command, opts)
 
 
 async def open_stream(opts: Options, name: str, on_lost):

@@ -73,6 +73,10 @@ class ProxyCommand:
                 ["/bin/sh", "-c", "exec " + self.command],
                 stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE,
                 close_fds=True,
+                # Its own process group: a Ctrl-C or ``kill -INT -PGID`` makes
+                # the workers drain their connections, which need the command
+                # alive until close() ends it.
+                process_group=0,
             )
         except OSError as e:
             ours.close()

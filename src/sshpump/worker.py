@@ -214,10 +214,13 @@ class Worker(ChannelOpens):
         self._expire_pending()
         if self.retiring:
             self._cut_retired()
+        if self.up and self.stream is not None and self.opts.server_alive_interval:
+            # Every jump host's keepalives, first: when a hop hangs, its clock
+            # and the session's (whose replies cross it) run out together,
+            # and the hop is the one to name.
+            self.stream.keepalive(time.monotonic())
         if self.up and self.opts.server_alive_interval:
             self._keepalive()
-        if self.up and self.stream is not None and self.opts.server_alive_interval:
-            self.stream.keepalive(time.monotonic())   # every jump host's keepalives
 
     def _keepalive_answered(self):
         """The keepalive's round trip: from its send to the next bytes the

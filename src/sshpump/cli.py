@@ -4,16 +4,18 @@ file path; launch.py runs it."""
 from __future__ import annotations
 
 import argparse
+import sys
 
-from . import validate
+from . import sshconfig, validate
 from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import UsageError
 from .options import Options, default_workers
 from .spec import parse_dynamic_forward, parse_local_forward
-from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options
+from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options, option_value, parse_jump
 
-USAGE = """sshpump [-gv] [-L spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
-               [-o option=value]... [--workers N] [--control PATH] [--ready-fd FD] [user@]host
+USAGE = """sshpump [-gvG] [-L spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
+               [-F configfile] [-J [user@]host[:port][,...]] [-o option=value]...
+               [--workers N] [--control PATH] [--ready-fd FD] [user@]host
        sshpump --config tunnels.toml [--check] [--control PATH] [-v] [--ready-fd FD]
        sshpump ctl PATH {add -L spec|remove ID|list|connections|stats|reload|drain|stop} [--json]"""
 
@@ -27,17 +29,19 @@ EXIT_CODES = """exit status:
   7  internal error (ssh2-python does not match the C pump)"""
 
 # Options taking a value, read as ssh's getopt reads them (see _getopt_words).
-SHORT_WITH_VALUE = "LDplio"
+SHORT_WITH_VALUE = "LDplioFJ"
 LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window", "--control",
                    "--config", "--metrics", "--log-format")
 # ssh options a user may try; without this argparse reads `-R spec host`
 # with the spec as the destination.
 NOT_SUPPORTED = {
     "R": "-R (remote forwarding) is not supported yet: sshpump forwards with -L and -D",
-    "J": "-J (ProxyJump) is not supported",
     "W": "-W (stdio forwarding) is not supported",
-    "F": "-F is not supported: ssh config files are not read; give options with -o",
 }
+# -o options that take part in ssh's own resolution of the config (Host and
+# Match blocks, %-tokens, ProxyJump versus ProxyCommand): they go to ssh -G
+# and its answer is used. The others sshpump reads itself, after the config.
+SSH_RESOLVES = ("HostName", "User", "Port", "ProxyJump", "ProxyCommand")
 MAX_FD = 2**31 - 1
 
 
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with their own SSH sessions and a C pump.",
         epilog="-o options: UserKnownHostsFile, StrictHostKeyChecking (yes|accept-new|no), "
         "ConnectTimeout, ServerAliveInterval, ServerAliveCountMax, ExitOnForwardFailure, "
-        "GatewayPorts, IdentityFile, IdentitiesOnly, Ciphers, Port, User, BatchMode.\n"
+        "GatewayPorts, IdentityFile, IdentitiesOnly, Ciphers, Port, User, BatchMode, HostName, "
+        "ProxyJump, ProxyCommand.\n~/.ssh/config (or -F file) is read through `ssh -G` when ssh is installed.\n"
         f"Password: set {PASSWORD_ENV} (never on the command line) or answer the prompt. "
         f"Key passphrase: {PASSPHRASE_ENV} or the prompt.\n\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", dest="login", help="user to log in as")
     p.add_argument("-i", dest="identity", action="append", default=[], metavar="identity_file")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="option=value")
+    p.add_argument("-F", dest="ssh_config", metavar="configfile",
+                   help="ssh config file instead of ~/.ssh/config and /etc/ssh/ssh_config; none: no file")
+    p.add_argument("-J", dest="jump", metavar="[user@]host[:port][,...]",
+                   help="reach the server through these jump hosts (ProxyJump); none: directly")
+    p.add_argument("-G", dest="print_config", action="store_true",
+                   help="print the settings and forwards sshpump resolved, then exit")
     p.add_argument("-g", dest="gateway", action="store_true", help="allow remote hosts to connect to local forwards")
     p.add_argument("-v", dest="verbose", action="count", default=0, help="log every connection (-vv: debug)")
     for flag in ("-N", "-n", "-T", "-f"):
@@ -146,7 +157,7 @@ def _getopt_words(argv: list[str]) -> list[str]:
 
 # With --config, what belongs to a tunnel is in the file.
 TUNNEL_ONLY = ("local", "dynamic", "port", "login", "identity", "options", "gateway", "workers", "drain_timeout",
-               "client_wait", "window")
+               "client_wait", "window", "ssh_config", "jump", "print_config")
 
 
 def _check_config_mode(ns):
@@ -159,6 +170,8 @@ def _check_config_mode(ns):
     if ns.destination is not None:
         raise UsageError("--config names the destinations: give no [user@]host beside it")
     given = [k for k in TUNNEL_ONLY if getattr(ns, k) not in (None, [], False)]
+    if given and given[0] in ("ssh_config", "jump", "print_config"):
+        raise UsageError("--config: -F, -J and -G are for a command-line tunnel ([user@]host), not with a tunnels file")
     if given:
         raise UsageError(f"--config: set {given[0].replace('_', '-')} in the file, per tunnel")
     ns.config = validate.local_file(ns.config, "--config")
@@ -180,9 +193,11 @@ def metrics_address(text: str) -> tuple[str, int]:
 
 
 def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namespace, bool]:
-    """argv -> (Options, namespace, BatchMode): parsing and checks only, no
-    environment, files or network. Every bad input raises UsageError (one
-    line); -h and --version print and raise SystemExit(0), as argparse does.
+    """argv -> (Options, namespace, BatchMode): parsing and checks, and the
+    ssh config as ``ssh -G`` resolves it (the only outside work: no network,
+    unless a Match exec command or CanonicalizeHostname in the user's config
+    does some). Every bad input raises UsageError (one line); -h, --version
+    and -G print and raise SystemExit(0), as argparse does.
     With --config, Options is None: the tunnels come from the file."""
     ns = build_parser().parse_args(_getopt_words(list(argv)))
     _check_config_mode(ns)
@@ -200,18 +215,55 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     opts = Options(host=validate.host(host, "host", resolved_here=True))
     if user:
         opts.user = validate.user(user)
-    batch = []
+    batch, to_ssh, own = [], [], set()
     for o in ns.options:
-        apply_option(opts, o, batch)
+        name = apply_option(opts, o, batch)   # checked here first: errors are ours, one line
+        if name in SSH_RESOLVES:
+            to_ssh.append(f"{name}={option_value(o)}")
+        else:
+            own.add(name)
+    command_line_identities = [validate.local_file(i, "-i") for i in ns.identity] + opts.identities
+    opts.identities = []
     if ns.login is not None:
         opts.user = validate.user(ns.login, "-l")
     if ns.port is not None:
         opts.port = validate.port(ns.port, "-p")
-    opts.identities = [validate.local_file(i, "-i") for i in ns.identity] + opts.identities
+    if ns.jump is not None:
+        opts.proxy_jump = parse_jump(ns.jump, "-J")
+    if ns.ssh_config is not None:
+        validate.path(ns.ssh_config, "-F")
+    remote, config_batch, config_forwards = [], None, []
+    ssh = sshconfig.find_ssh()
+    if ssh is not None:
+        resolved = sshconfig.resolve(ssh, sshconfig.Query(
+            destination=f"{user}@{host}" if user else host, config_file=ns.ssh_config,
+            port=ns.port, login=ns.login, jump=ns.jump, options=to_ssh))
+        config_batch = sshconfig.apply(opts, resolved, host, own)
+        config_forwards, remote = sshconfig.config_forwards(resolved, host)
+    elif ns.ssh_config not in (None, "none"):
+        raise UsageError(f"-F {validate.show(ns.ssh_config)}: ssh is not installed (not on PATH), "
+                         "and sshpump reads ssh config files through `ssh -G`")
+    else:
+        _warn_ssh_missing()
+    # As in ssh: the command line's keys first, then the config's.
+    opts.identities = command_line_identities + opts.identities
     opts.forwards = [parse_local_forward(s) for s in ns.local] + [parse_dynamic_forward(s) for s in ns.dynamic]
-    if not opts.forwards:
-        raise UsageError("nothing to forward: give at least one -L or -D")
+    for fwd in config_forwards:   # ssh adds a config forward unless the same one is there already
+        if not any((f.listen, f.target) == (fwd.listen, fwd.target) for f in opts.forwards):
+            opts.forwards.append(fwd)
     opts.gateway_ports = opts.gateway_ports or ns.gateway
+    batch_mode = bool(batch[-1]) if batch else bool(config_batch)
+    if ns.print_config:
+        check_options(opts)
+        print(sshconfig.describe(opts, batch_mode, remote))
+        raise SystemExit(0)
+    if not opts.forwards:
+        raise UsageError("nothing to forward: give at least one -L or -D (or LocalForward/DynamicForward "
+                         "in the ssh config)")
+    if remote:
+        print(f"sshpump: warning: RemoteForward from the ssh config is not carried out yet: "
+              f"{validate.show(remote[0])}{f' and {len(remote) - 1} more' if len(remote) > 1 else ''}",
+              file=sys.stderr)
     opts.verbose = ns.verbose
     opts.workers = (default_workers() if ns.workers is None
                     else validate.ascii_int(ns.workers, "--workers", 0, MAX_WORKERS))
@@ -222,7 +274,18 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     if ns.window is not None:
         opts.window = validate.ascii_int(ns.window, "--window", 0, MAX_WINDOW)
     check_options(opts)
-    return opts, ns, bool(batch and batch[-1])
+    return opts, ns, batch_mode
+
+
+_warned_ssh_missing = False
+
+
+def _warn_ssh_missing() -> None:
+    # Once per process: the fuzz tests and a reload may parse many times.
+    global _warned_ssh_missing
+    if not _warned_ssh_missing:
+        _warned_ssh_missing = True
+        print(f"sshpump: warning: {sshconfig.SSH_MISSING}", file=sys.stderr)
 
 
 def one_line(text: str) -> str:

@@ -23,9 +23,13 @@ KNOWN = {name.lower(): name for name in (
     "ServerAliveCountMax", "ExitOnForwardFailure", "GatewayPorts", "IdentityFile",
     "IdentitiesOnly", "Ciphers", "Port", "User", "BatchMode",
 )}
+# Where the connection goes and how it is carried: the command line's -o
+# takes them (and hands them to ssh -G, see sshconfig.py); a tunnels file
+# does not (its _split uses KNOWN).
+CLI_KNOWN = {**KNOWN, **{name.lower(): name for name in ("HostName", "ProxyJump", "ProxyCommand")}}
 
 
-def _split(text: str) -> tuple[str, str]:
+def _split(text: str, known: dict = KNOWN) -> tuple[str, str]:
     """'Key=value', 'Key value' or 'Key = value', as ssh accepts them."""
     if "=" in text:
         key, value = text.split("=", 1)
@@ -34,15 +38,46 @@ def _split(text: str) -> tuple[str, str]:
         if len(parts) != 2:
             raise UsageError(f"bad -o option {validate.show(text)}: expected Option=value")
         key, value = parts
-    name = KNOWN.get(key.strip().lower())
+    name = known.get(key.strip().lower())
     if name is None:
         raise UsageError(f"unsupported -o option {validate.show(key.strip())}")
     return name, value.strip()
 
 
-def apply_option(opts: Options, text: str, batch: list) -> None:
-    """Apply one -o argument to opts; BatchMode values are appended to batch."""
-    name, value = _split(text)
+def split_hop(text: str, what: str) -> tuple[str | None, str, int | None]:
+    """One jump host as ssh -J takes it: [user@]host[:port] or
+    ssh://[user@]host[:port], an IPv6 host in square brackets."""
+    hop = text[len("ssh://"):] if text.startswith("ssh://") else text
+    user, _, hostport = hop.rpartition("@")
+    if hostport.startswith("["):
+        host, sep, rest = hostport[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"{what} {validate.show(text)}: expected [user@]host[:port]")
+        port = rest[1:] if rest else None
+    else:
+        host, sep, port = hostport.partition(":")
+        port = port if sep else None
+    host = validate.host(host, f"{what} host", resolved_here=True)
+    return (validate.user(user, f"{what} user") if user else None, host,
+            validate.port(port, f"{what} port") if port is not None else None)
+
+
+def parse_jump(text: str, what: str = "-J") -> list[str]:
+    """ProxyJump / -J: hops as "[user@]host[:port]", first hop first; "none": none."""
+    if text.strip().lower() == "none":
+        return []
+    hops = []
+    for hop in text.split(","):
+        user, host, port = split_hop(hop.strip(), what)
+        shown = f"[{host}]" if ":" in host and port is not None else host
+        hops.append((f"{user}@" if user else "") + shown + (f":{port}" if port is not None else ""))
+    return hops
+
+
+def apply_option(opts: Options, text: str, batch: list) -> str:
+    """Apply one -o argument to opts; BatchMode values are appended to
+    batch. Returns the option's name, as ssh spells it."""
+    name, value = _split(text, CLI_KNOWN)
     what = f"-o {name}"
 
     def yes_no() -> bool:
@@ -83,6 +118,15 @@ def apply_option(opts: Options, text: str, batch: list) -> None:
         opts.user = validate.user(value, what)
     elif name == "BatchMode":
         batch.append(yes_no())
+    elif name == "HostName":
+        opts.host = validate.host(value, what, resolved_here=True)
+    elif name == "ProxyJump":
+        opts.proxy_jump = parse_jump(value, what)
+    elif name == "ProxyCommand":
+        if not value:
+            raise UsageError(f"{what} needs a command (or none)")
+        opts.proxy_command = None if value.lower() == "none" else value
+    return name
 
 
 def check_options(opts: Options) -> Options:
@@ -155,3 +199,8 @@ def build_options(
             raise TypeError(f"forward() got an unknown option {key!r}")
         setattr(opts, key, value)
     return check_options(opts)  # bad values fail here, not inside a worker
+
+
+def option_value(text: str) -> str:
+    """The value of one -o argument (already checked by apply_option)."""
+    return _split(text, CLI_KNOWN)[1]

@@ -1,0 +1,330 @@
+"""~/.ssh/config read exactly as OpenSSH reads it: ``ssh -G`` resolves it
+(Include, Host and Match blocks, "first value wins", the command line
+winning over the file) and prints one lowercase ``key value`` line per
+setting; this module runs it, reads those lines and fills the Options fields
+sshpump uses. Only the command line (cli.py) reads the config: library
+callers pass explicit values.
+
+What ``ssh -G`` prints needs care (DESIGN.md section 9):
+- it prints a default for every key, so a default is told apart from a
+  value the user chose by comparing with ``ssh -G -F none`` (ssh's defaults
+  for this ssh version), and sshpump's own defaults are kept for those
+  (ConnectTimeout 30 s, ServerAliveInterval 30 s, its cipher order);
+- IdentityFile and unix-socket forward paths come out with ``~`` and
+  %-tokens unexpanded (expand_path does it as ssh.c does); %C is asked of
+  ssh itself, as its hash differs between ssh versions;
+- a LocalForward to a unix path is printed a second time as a phantom
+  ``dynamicforward`` line (readconf.c dump_cfg_forwards): dropped here.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass, field
+
+from . import validate
+from .errors import UsageError
+from .options import DEFAULT_CIPHERS, Options
+from .spec import parse_dynamic_forward, parse_local_forward
+from .sshopts import parse_jump, split_hop
+
+SSH_MISSING = "ssh not found: ~/.ssh/config is not read; using the command line alone"
+SSH_G_TIMEOUT = 60.0   # Match exec runs the user's commands: bounded, not trusted to end
+YES = {"yes": True, "true": True, "no": False, "false": False}
+STRICT = {"ask": "yes", "true": "yes", "yes": "yes", "false": "no", "no": "no", "off": "no",
+          "accept-new": "accept-new"}
+# Keys ssh -G prints once per value: every line counts, in order.
+MULTI = {"identityfile", "localforward", "remoteforward", "dynamicforward"}
+
+
+@dataclass
+class Query:
+    """What the command line hands to ``ssh -G``: only what takes part in
+    the resolution (Host/Match matching, %-tokens, ProxyJump versus
+    ProxyCommand). Options sshpump reads its own way are not passed."""
+
+    destination: str              # [user@]host as ssh takes it
+    config_file: str | None = None
+    port: str | None = None
+    login: str | None = None
+    jump: str | None = None
+    options: list[str] = field(default_factory=list)   # "Key=value" for ssh's -o
+
+
+@dataclass
+class Resolved:
+    """ssh's answer: {key: [values]} for the host asked and for no config."""
+
+    settings: dict[str, list[str]]
+    defaults: dict[str, list[str]]
+
+    def one(self, key: str) -> str | None:
+        values = self.settings.get(key)
+        return values[0] if values else None
+
+    def chosen(self, key: str) -> str | None:
+        """The value, or None where it is ssh's default (not the user's)."""
+        value = self.one(key)
+        return None if self.settings.get(key) == self.defaults.get(key) else value
+
+
+def find_ssh() -> str | None:
+    return shutil.which("ssh")
+
+
+def _ssh_g(ssh: str, args: list[str]) -> dict[str, list[str]]:
+    try:
+        r = subprocess.run([ssh, "-G", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=SSH_G_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"ssh -G did not finish within {SSH_G_TIMEOUT:g}s "
+                         "(a Match exec command in the ssh config?)") from None
+    except OSError as e:
+        raise UsageError(f"cannot run {ssh} -G: {e.strerror}") from None
+    if r.returncode != 0:
+        lines = [ln.strip() for ln in r.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        said = lines[0] if lines else "no message"
+        raise UsageError(f"ssh config: ssh -G failed (exit {r.returncode}): {said}")
+    settings: dict[str, list[str]] = {}
+    for line in r.stdout.decode(errors="surrogateescape").splitlines():
+        key, _, value = line.partition(" ")
+        key = key.lower()
+        if key in MULTI:
+            settings.setdefault(key, []).append(value)
+        else:
+            settings[key] = [value]
+    return settings
+
+
+def resolve(ssh: str, q: Query) -> Resolved:
+    """Run ``ssh -G`` for the query, and once with ``-F none`` for ssh's
+    defaults. Raises UsageError (one line, ssh's own first line quoted)."""
+    args = ["-F", q.config_file] if q.config_file is not None else []
+    for flag, value in (("-p", q.port), ("-l", q.login), ("-J", q.jump)):
+        if value is not None:
+            args += [flag, value]
+    for text in q.options:
+        args += ["-o", text]
+    # ControlPath is expanded by ssh -G itself: %C from the ssh that resolves.
+    args += ["-o", "ControlPath=%C", "--", q.destination]
+    settings = _ssh_g(ssh, args)
+    defaults = _ssh_g(ssh, ["-F", "none", "--", "sshpump.invalid"])
+    return Resolved(settings, defaults)
+
+
+# ---------------------------------------------------------------- %-tokens
+
+_TOKEN = re.compile(r"%(.?)|\$\{([^}]*)\}|\$\{")
+
+
+def home_dir() -> str:
+    # ssh takes ~ and %d from the password database, not from $HOME.
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return os.path.expanduser("~")
+
+
+def _tilde(path: str) -> str:
+    if not path.startswith("~"):
+        return path
+    name, sep, rest = path[1:].partition("/")
+    if not name:
+        base = home_dir()
+    else:
+        try:
+            base = pwd.getpwnam(name).pw_dir
+        except KeyError:
+            raise UsageError(f"ssh config: no such user {validate.show(name)} in {validate.show(path)}") from None
+    return base.rstrip("/") + "/" + rest if sep else base
+
+
+def tokens(r: Resolved, host_arg: str) -> dict[str, str]:
+    """ssh.c's DEFAULT_CLIENT_PERCENT_EXPAND_ARGS for this connection."""
+    try:
+        local_user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        local_user = os.environ.get("USER", "")
+    this_host = socket.gethostname()
+    hops = parse_jump(r.one("proxyjump") or "none", "ProxyJump")
+    last_hop = split_hop(hops[-1], "ProxyJump")[1] if hops else ""   # %j: the hop nearest the server
+    return {
+        "C": r.one("controlpath") or "", "L": this_host.split(".", 1)[0], "i": str(os.getuid()),
+        "k": r.one("hostkeyalias") or host_arg, "l": this_host, "n": host_arg,
+        "p": r.one("port") or "22", "d": home_dir(), "h": r.one("hostname") or host_arg,
+        "r": r.one("user") or local_user, "u": local_user, "j": last_hop, "%": "%",
+    }
+
+
+def expand_path(path: str, values: dict[str, str], what: str) -> str:
+    """``~``, then %-tokens and ${VAR}, as ssh.c expands IdentityFile (tilde
+    first, then default_client_percent_dollar_expand)."""
+    path = _tilde(path)
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "${":
+            raise UsageError(f"ssh config: {what} {validate.show(path)}: unterminated ${{")
+        if m.group(2) is not None:
+            if m.group(2) not in os.environ:
+                raise UsageError(f"ssh config: {what} {validate.show(path)}: ${{{m.group(2)}}} is not set")
+            return os.environ[m.group(2)]
+        if m.group(1) not in values:
+            raise UsageError(f"ssh config: {what} {validate.show(path)}: unknown %-token %{m.group(1)}")
+        return values[m.group(1)]
+    return _TOKEN.sub(one, path)
+
+
+# ---------------------------------------------------------------- forwards
+
+def _listen_of(line: str) -> str:
+    return line.split(" ", 1)[0]
+
+
+def forward_lines(r: Resolved) -> tuple[list[str], list[str], list[str]]:
+    """(localforward, dynamicforward, remoteforward) lines as ssh -G prints
+    them, the phantom dynamicforward lines dropped: dump_cfg_forwards prints
+    every LocalForward whose target is a unix path (connect_host NULL) among
+    the dynamic ones too, with the same listen address."""
+    local = list(r.settings.get("localforward", []))
+    dynamic = list(r.settings.get("dynamicforward", []))
+    for line in local:
+        parts = line.split(" ")
+        if len(parts) == 2 and parts[1].startswith("/") and parts[0] in dynamic:
+            dynamic.remove(parts[0])
+    return local, dynamic, list(r.settings.get("remoteforward", []))
+
+
+def _spec_path(text: str, values: dict[str, str]) -> str:
+    # Unix-socket paths take ~ and %-tokens (ssh.c expands them at start).
+    return expand_path(text, values, "forward path") if text.startswith(("/", "~")) else text
+
+
+def local_forward(line: str, values: dict[str, str]):
+    listen, _, target = line.partition(" ")
+    try:
+        return parse_local_forward(f"{_spec_path(listen, values)}:{_spec_path(target, values)}")
+    except UsageError as e:
+        raise UsageError(f"ssh config LocalForward {validate.show(line)}: {e}") from None
+
+
+def dynamic_forward(line: str):
+    try:
+        return parse_dynamic_forward(line)
+    except UsageError as e:
+        raise UsageError(f"ssh config DynamicForward {validate.show(line)}: {e}") from None
+
+
+# ---------------------------------------------------------------- into Options
+
+def _yes_no(r: Resolved, key: str) -> bool | None:
+    value = r.one(key)
+    return None if value is None else YES.get(value.lower())
+
+
+def _ciphers(listed: str) -> str:
+    """ssh's list as libssh2 can take it: names libssh2 lacks dropped, ssh's order kept."""
+    have = set(validate.supported_ciphers())
+    usable = [c for c in listed.split(",") if c in have]
+    if not usable:
+        raise UsageError(f"ssh config: Ciphers {validate.show(listed)}: libssh2 has none of these "
+                         f"(it has: {','.join(validate.supported_ciphers())})")
+    return ",".join(usable)
+
+
+def apply(opts: Options, r: Resolved, host_arg: str, own: set[str]) -> bool | None:
+    """Fill opts from ssh's answer. ``own``: -o names the command line gave
+    that sshpump reads itself (they win, so the config's are not used).
+    Host, user, port and the proxy settings are ssh's answer as it stands
+    (the command line's went to ssh -G). Returns the config's BatchMode."""
+    values = tokens(r, host_arg)
+    opts.host = validate.host(r.one("hostname") or opts.host, "ssh config HostName", resolved_here=True)
+    if r.one("port") is not None:
+        opts.port = validate.port(r.one("port"), "ssh config Port")
+    if r.one("user") is not None:
+        opts.user = validate.user(r.one("user"), "ssh config User")
+    jump = r.one("proxyjump")
+    opts.proxy_jump = [] if jump is None else parse_jump(jump, "ssh config ProxyJump")
+    command = r.one("proxycommand")
+    opts.proxy_command = None if command in (None, "none") else command
+    if r.chosen("identityfile") is not None:
+        # The config's files (the command line's go before them, in cli.py);
+        # as ssh does, a listed file that does not exist is skipped.
+        paths = [expand_path(p, values, "IdentityFile") for p in r.settings["identityfile"]]
+        opts.identities = [p for p in paths if os.path.exists(p)]
+    if "UserKnownHostsFile" not in own and r.chosen("userknownhostsfile") is not None:
+        opts.known_hosts = [_tilde(p) for p in r.one("userknownhostsfile").split()]
+    if "StrictHostKeyChecking" not in own and r.one("stricthostkeychecking") is not None:
+        opts.strict_host_key_checking = STRICT.get(r.one("stricthostkeychecking").lower(), "yes")
+    timeout = r.one("connecttimeout")
+    if "ConnectTimeout" not in own and timeout not in (None, "none"):
+        opts.connect_timeout = validate.seconds(timeout, "ssh config ConnectTimeout") or None
+    interval = r.one("serveraliveinterval")
+    if "ServerAliveInterval" not in own and interval not in (None, "0"):
+        opts.server_alive_interval = validate.seconds(interval, "ssh config ServerAliveInterval")
+    count = r.one("serveralivecountmax")
+    if "ServerAliveCountMax" not in own and count is not None:
+        opts.server_alive_count_max = validate.ascii_int(count, "ssh config ServerAliveCountMax", 0, 2**31 - 1)
+    if "Ciphers" not in own and r.chosen("ciphers") is not None:
+        opts.ciphers = _ciphers(r.one("ciphers"))
+    for name, key, attr in (("IdentitiesOnly", "identitiesonly", "identities_only"),
+                            ("ExitOnForwardFailure", "exitonforwardfailure", "exit_on_forward_failure"),
+                            ("GatewayPorts", "gatewayports", "gateway_ports")):
+        flag = _yes_no(r, key)
+        if name not in own and flag is not None:
+            setattr(opts, attr, flag)
+    return None if "BatchMode" in own else _yes_no(r, "batchmode")
+
+
+def config_forwards(r: Resolved, host_arg: str) -> tuple[list, list[str]]:
+    """The config's LocalForward and DynamicForward as sshpump forwards, and
+    its RemoteForward lines (as ssh -G prints them)."""
+    values = tokens(r, host_arg)
+    local, dynamic, remote = forward_lines(r)
+    forwards = [local_forward(line, values) for line in local] + [dynamic_forward(line) for line in dynamic]
+    return forwards, remote
+
+
+# ---------------------------------------------------------------- -G
+
+def _listen_text(end) -> str:
+    if end.path is not None:
+        return end.path
+    if end.host is None:
+        return str(end.port)
+    return f"[{end.host or '*'}]:{end.port}"
+
+
+def _target_text(end) -> str:
+    return end.path if end.path is not None else f"[{end.host}]:{end.port}"
+
+
+def describe(opts: Options, batch: bool, remote: list[str]) -> str:
+    """``sshpump -G``: what sshpump will use, one ``key value`` line each,
+    keys and forward lines written as ``ssh -G`` writes them."""
+    def yn(flag: bool) -> str:
+        return "yes" if flag else "no"
+    lines = [f"user {opts.user}", f"hostname {opts.host}", f"port {opts.port}",
+             f"proxyjump {','.join(opts.proxy_jump) or 'none'}",
+             f"proxycommand {opts.proxy_command or 'none'}"]
+    lines += [f"identityfile {p}" for p in opts.identity_files()]
+    lines += [f"identitiesonly {yn(opts.identities_only)}",
+              f"userknownhostsfile {' '.join(opts.known_hosts)}",
+              f"stricthostkeychecking {opts.strict_host_key_checking}",
+              f"connecttimeout {'none' if opts.connect_timeout is None else f'{opts.connect_timeout:g}'}",
+              f"serveraliveinterval {opts.server_alive_interval:g}",
+              f"serveralivecountmax {opts.server_alive_count_max}",
+              f"ciphers {opts.ciphers}", f"batchmode {yn(batch)}",
+              f"exitonforwardfailure {yn(opts.exit_on_forward_failure)}",
+              f"gatewayports {yn(opts.gateway_ports)}"]
+    for fwd in opts.forwards:
+        if fwd.target is None:
+            lines.append(f"dynamicforward {_listen_text(fwd.listen)}")
+        else:
+            lines.append(f"localforward {_listen_text(fwd.listen)} {_target_text(fwd.target)}")
+    lines += [f"remoteforward {line}" for line in remote]
+    return "\n".join(lines)

@@ -1,0 +1,260 @@
+"""~/.ssh/config through ``ssh -G``: sshpump's resolution agrees with the
+real ssh binary's for every key sshpump honours; the command line wins;
+what sshpump lacks is ignored in a config file but refused on -o; no ssh on
+PATH is one warning line; a bad config is one error line and exit 2. Every
+test names its config with -F (ssh reads ~/.ssh/config from the password
+database's home directory, not $HOME, so only -F is hermetic)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sshpump import validate
+
+from helpers import PY, Pump, clean_env
+
+SSH = "/usr/bin/ssh"
+pytestmark = pytest.mark.skipif(not os.path.exists(SSH), reason="needs the OpenSSH client")
+
+
+def ssh_g(*args) -> dict[str, list[str]]:
+    """What the real ssh resolves: {key: [values]}."""
+    out = subprocess.run([SSH, "-G", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         check=True).stdout
+    keys: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        keys.setdefault(key, []).append(value)
+    return keys
+
+
+def sshpump(*args, env=None, timeout=30):
+    """python -m sshpump ARGS -> (exit code, stdout, stderr)."""
+    r = subprocess.run([PY, "-m", "sshpump", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, env=clean_env() if env is None else env, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def sshpump_g(*args, env=None) -> dict[str, list[str]]:
+    rc, out, err = sshpump("-G", *args, env=env)
+    assert rc == 0 and err == "", f"exit {rc}: {err}"
+    keys: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        keys.setdefault(key, []).append(value)
+    return keys
+
+
+def without_phantoms(ssh: dict) -> list[str]:
+    """ssh -G's dynamicforward lines less the phantom printed for each
+    LocalForward to a unix path (readconf.c dump_cfg_forwards)."""
+    dynamic = list(ssh.get("dynamicforward", []))
+    for line in ssh.get("localforward", []):
+        listen, target = line.split(" ")
+        if target.startswith("/"):
+            dynamic.remove(listen)
+    return dynamic
+
+
+@pytest.fixture
+def config(tmp_path):
+    """A config with Include, Host patterns with a wildcard and a negation,
+    Match host / Match user, ProxyJump, forwards of each kind, IdentityFile
+    with %-tokens, and options sshpump does not implement."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (tmp_path / "included.conf").write_text(
+        "Host db-bad\n"
+        "  HostName bad.example\n"
+        "  ForwardAgent yes\n")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(
+        f"Include {tmp_path}/included.conf\n"
+        "Host db-* !db-bad\n"
+        "  HostName %h.internal\n"
+        "  User dbadmin\n"
+        "  Port 2201\n"
+        f"  IdentityFile {keys}/%r@%h-%p\n"
+        f"  IdentityFile {keys}/id-%C\n"
+        f"  IdentityFile {keys}/missing-%n-%l-%u-%%\n"
+        "  LocalForward 15432 localhost:5432\n"
+        "  LocalForward [::1]:15433 [::1]:5433\n"
+        f"  LocalForward {tmp_path}/s.sock /run/postgresql/.s.PGSQL.5432\n"
+        "  LocalForward 15434 /run/other.sock\n"
+        "  DynamicForward 127.0.0.1:1080\n"
+        "  DynamicForward 1081\n"
+        "  RemoteForward 9000 localhost:22\n"
+        "  ProxyJump jumper@bastion:2222,ssh://second@inner:2200\n"
+        "  Compression yes\n"
+        "  ControlMaster auto\n"
+        "Match host *.internal user dbadmin\n"
+        "  ServerAliveInterval 15\n"
+        "  ServerAliveCountMax 5\n"
+        "  StrictHostKeyChecking accept-new\n"
+        f"  UserKnownHostsFile {tmp_path}/kh-%h %d/kh2\n"
+        "  Ciphers aes256-ctr,aes192-ctr,aes128-gcm@openssh.com,aes128-cbc\n"
+        "  ConnectTimeout 7\n"
+        "  ExitOnForwardFailure yes\n"
+        "  GatewayPorts yes\n"
+        "  BatchMode yes\n"
+        "  IdentitiesOnly yes\n"
+        "Host *\n"
+        "  ProxyCommand nc %h %p\n"
+        "  User fallback\n")
+    return cfg
+
+
+HONOURED_AS_PRINTED = ("user", "hostname", "port", "proxyjump", "userknownhostsfile", "serveraliveinterval",
+                       "serveralivecountmax", "connecttimeout", "identitiesonly", "exitonforwardfailure",
+                       "gatewayports", "batchmode", "localforward", "remoteforward")
+
+
+def test_resolution_agrees_with_ssh_g(config, tmp_path):
+    ssh = ssh_g("-F", str(config), "db-main")
+    conn_hash = ssh_g("-F", str(config), "-o", "ControlPath=%C", "db-main")["controlpath"][0]
+    (tmp_path / "keys" / "dbadmin@db-main.internal-2201").write_text("")
+    (tmp_path / "keys" / f"id-{conn_hash}").write_text("")
+    ours = sshpump_g("-F", str(config), "db-main")
+    for key in HONOURED_AS_PRINTED:
+        assert ours[key] == ssh[key], key
+    assert ours["dynamicforward"] == without_phantoms(ssh) == ["[127.0.0.1]:1080", "1081"]
+    assert ssh["stricthostkeychecking"] == ours["stricthostkeychecking"] == ["accept-new"]
+    assert ours["proxycommand"] == ["none"] and "proxycommand" not in ssh   # ProxyJump came first
+    # ssh's order kept, names libssh2 lacks dropped (none here: this libssh2 has all of ssh's)
+    assert ours["ciphers"] == [",".join(c for c in ssh["ciphers"][0].split(",")
+                                        if c in validate.supported_ciphers())]
+    # %-tokens expanded as ssh does, files that do not exist skipped
+    assert ssh["identityfile"][1].endswith("/id-%C")
+    assert ours["identityfile"] == [f"{tmp_path}/keys/dbadmin@db-main.internal-2201",
+                                    f"{tmp_path}/keys/id-{conn_hash}"]
+    assert ours["hostname"] == ["db-main.internal"] and ours["proxyjump"] == ["jumper@bastion:2222,second@inner:2200"]
+
+
+def test_negated_host_and_include_agree_with_ssh_g(config):
+    ssh = ssh_g("-F", str(config), "db-bad")
+    ours = sshpump_g("-F", str(config), "db-bad")
+    for key in ("user", "hostname", "port", "proxycommand", "serveraliveinterval", "stricthostkeychecking"):
+        assert key in ssh
+    assert (ours["hostname"], ours["user"], ours["port"]) == (ssh["hostname"], ssh["user"], ssh["port"]) \
+        == (["bad.example"], ["fallback"], ["22"])
+    assert ours["proxycommand"] == ssh["proxycommand"] == ["nc %h %p"] and ours["proxyjump"] == ["none"]
+    assert "localforward" not in ours and "dynamicforward" not in ours
+    # ssh's defaults become sshpump's own (keepalives on, 30 s bound, its cipher order)
+    assert ssh["serveraliveinterval"] == ["0"] and ours["serveraliveinterval"] == ["30"]
+    assert ssh["stricthostkeychecking"] == ["ask"] and ours["stricthostkeychecking"] == ["yes"]
+    assert ssh["connecttimeout"] == ["none"] and ours["connecttimeout"] == ["30"]
+    assert ours["ciphers"][0].startswith("aes128-gcm@openssh.com,")
+
+
+def test_command_line_wins_over_the_config(config, tmp_path):
+    args = ["-F", str(config), "-p", "2300", "-o", "ServerAliveInterval=1m", "-o", "Ciphers=aes128-ctr",
+            "-o", f"UserKnownHostsFile={tmp_path}/mine", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=no",
+            "-J", "none", "-i", str(tmp_path / "cli-key"), "-L", "7000:web:80", "-L", "15432:localhost:5432"]
+    ssh = ssh_g("-F", str(config), "-p", "2300", "-J", "none", "db-main")
+    ours = sshpump_g(*args, "db-main")
+    assert ours["port"] == ssh["port"] == ["2300"] and ours["proxyjump"] == ["none"]
+    assert ours["proxycommand"] == ssh["proxycommand"] == ["nc %h %p"]   # -J none: ProxyCommand applies, as in ssh
+    assert ours["serveraliveinterval"] == ["60"] and ours["ciphers"] == ["aes128-ctr"]
+    assert ours["userknownhostsfile"] == [f"{tmp_path}/mine"] and ours["stricthostkeychecking"] == ["no"]
+    assert ours["batchmode"] == ["no"] and ours["serveralivecountmax"] == ["5"]   # the rest from the config
+    assert ours["identityfile"] == [str(tmp_path / "cli-key")]   # -i first (the config's do not exist here)
+    # the command line's forwards first; the config's same forward is not added twice, as in ssh
+    assert ours["localforward"][:2] == ["7000 [web]:80", "15432 [localhost]:5432"]
+    assert ours["localforward"].count("15432 [localhost]:5432") == 1
+    # -l changes what Match user sees: the Match block no longer applies, as ssh says
+    ssh = ssh_g("-F", str(config), "-l", "someone", "db-main")
+    ours = sshpump_g("-F", str(config), "-l", "someone", "-o", "HostName=10.9.8.7", "db-main")
+    assert ours["user"] == ssh["user"] == ["someone"] and ours["hostname"] == ["10.9.8.7"]
+    assert ssh["serveraliveinterval"] == ["0"] and ours["serveraliveinterval"] == ["30"]
+
+
+def test_f_none_reads_no_file(tmp_path):
+    ours = sshpump_g("-F", "none", "-L", "0:h:1", "Some-Host")
+    ssh = ssh_g("-F", "none", "Some-Host")
+    assert ours["hostname"] == ssh["hostname"] == ["some-host"]   # ssh lowercases the host, as here
+    assert (ours["user"], ours["port"]) == (ssh["user"], ["22"])
+    assert "identityfile" not in ours and ours["proxyjump"] == ["none"]   # empty $HOME: no default keys
+    assert ours["localforward"] == ["0 [h]:1"] and "dynamicforward" not in ours
+
+
+def test_unknown_option_ignored_in_config_refused_on_command_line(tmp_path):
+    cfg = tmp_path / "c"
+    cfg.write_text("Host *\n  Compression yes\n  ForwardX11 yes\n  LogLevel QUIET\n")
+    assert sshpump_g("-F", str(cfg), "-L", "0:h:1", "h")["hostname"] == ["h"]
+    rc, out, err = sshpump("-F", str(cfg), "-o", "Compression=yes", "-L", "0:h:1", "-p", "1", "nobody@127.0.0.1")
+    assert rc == 2 and err == "sshpump: unsupported -o option 'Compression'\n", err
+
+
+@pytest.mark.parametrize("text,said", [
+    ("Host *\n  NoSuchKeyword 1\n", "line 2: Bad configuration option: nosuchkeyword"),
+    ("Host *\n  Port seventy\n", "line 2: Bad port 'seventy'"),
+    ("Host *\n  LocalForward 0 h:1\n", "line 2: Bad forwarding specification"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, text, said):
+    cfg = tmp_path / "c"
+    cfg.write_text(text)
+    rc, out, err = sshpump("-F", str(cfg), "-L", "0:h:1", "h")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("sshpump: ssh config: ssh -G failed (exit 255): ") and said in err, err
+
+
+def test_bad_f_path_is_one_line_and_exit_2(tmp_path):
+    rc, out, err = sshpump("-F", str(tmp_path / "nonesuch"), "-L", "0:h:1", "h")
+    assert rc == 2 and err == (f"sshpump: ssh config: ssh -G failed (exit 255): Can't open user config file "
+                               f"{tmp_path}/nonesuch: No such file or directory\n"), err
+
+
+def no_ssh_env(tmp_path):
+    """PATH holding only python: no ssh binary to find."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python")
+    return clean_env({"PATH": str(bin_dir)})
+
+
+def test_without_ssh_one_warning_and_the_command_line_alone(tmp_path):
+    env = no_ssh_env(tmp_path)
+    rc, out, err = sshpump("-G", "-J", "me@jump:2222", "-o", "ProxyCommand=none", "-L", "0:h:1", "-p", "2200",
+                           "u@host", env=env)
+    assert rc == 0 and err == f"sshpump: warning: ssh not found: ~/.ssh/config is not read; " \
+                              "using the command line alone\n", err
+    assert {"user u", "hostname host", "port 2200", "proxyjump me@jump:2222", "localforward 0 [h]:1"} \
+        <= set(out.splitlines())
+    rc, out, err = sshpump("-L", "0:h:1", "-p", "1", "nobody@127.0.0.1", env=env)
+    lines = err.splitlines()
+    assert rc == 3 and err.count("ssh not found") == 1 and "ssh not found" in lines[0], err
+    assert lines[-1] == "sshpump: connect to 127.0.0.1 port 1: Connection refused", err   # it ran, and tried
+    rc, out, err = sshpump("-F", str(tmp_path / "c"), "-L", "0:h:1", "h", env=env)
+    assert rc == 2 and len(err.splitlines()) == 1 and "ssh is not installed" in err, err
+
+
+def test_config_alias_carries_an_echo(sshd, targets, tmp_path):
+    """End to end: everything but the alias comes from the config file."""
+    echo_host, echo_port = targets.tcp["echo"]
+    cfg = tmp_path / "c"
+    cfg.write_text(
+        "Host tunnel-alias\n"
+        f"  HostName {sshd.host}\n"
+        f"  Port {sshd.port}\n"
+        f"  User {sshd.user}\n"
+        f"  IdentityFile {sshd.client_key}\n"
+        f"  UserKnownHostsFile {sshd.known_hosts}\n"
+        "  ConnectTimeout 10\n"
+        f"  LocalForward {tmp_path}/%n.sock {echo_host}:{echo_port}\n")
+    with Pump(["-F", str(cfg), "--workers", "0", "tunnel-alias"], env=clean_env()) as p:
+        assert p.listen == [f"{tmp_path}/tunnel-alias.sock"]
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(p.listen[0])
+            s.sendall(b"through the config")
+            got = b""
+            while len(got) < len(b"through the config"):
+                chunk = s.recv(4096)
+                assert chunk
+                got += chunk
+        assert got == b"through the config"
+        assert p.stop() == 0

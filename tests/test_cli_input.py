@@ -2,7 +2,8 @@
 listens or connects: never a traceback, never another exit code.
 
 The command line is fuzzed in-process through the parse-only entry point
-(``sshpump.cli.parse_command_line``: no network, no environment); the cases
+(``sshpump.cli.parse_command_line``: no network; it runs ``ssh -G`` for the
+ssh config, see test_sshconfig.py); the cases
 users actually met are run as ``python -m sshpump`` against a port nobody
 listens on, so a value that slipped through would show as exit 3 instead of 2.
 """
@@ -42,6 +43,12 @@ MET_IN_THE_FIELD = [
     (["-D", "99999"], "listen port '99999' is out of range"),
     (["-D", "a:b:1080"], "expected [bind:]port"),
     (["-L", "0:h:1", "--workers", "٢"], "--workers '٢' is not a number"),
+    (["-W", "h:1", "-L", "0:h:1"], "-W (stdio forwarding) is not supported"),
+    (["-J", "a@", "-L", "0:h:1"], "-J: jump host 'a@'"),
+    (["-J", "j:99999", "-L", "0:h:1"], "out of range"),
+    (["-o", "ProxyCommand=nc %x %p", "-L", "0:h:1"], "unknown token %x"),
+    (["-o", "HostName=-oProxyCommand=x", "-L", "0:h:1"], "starts with '-'"),
+    (["-F", "/nonexistent/ssh_config", "-L", "0:h:1"], "Can't open user config file /nonexistent/ssh_config"),
 ]
 
 
@@ -79,8 +86,10 @@ def test_what_ssh_accepts_still_parses():
         "-gvNT", "-L", "0:db:5432", "-L", "[::1]:8080:[::1]:80", "-L", "/tmp/a.sock:/run/b.sock",
         "-o", "ServerAliveInterval=1m30s", "-o", "ConnectTimeout 0", "-o", "Ciphers=+aes256-cbc",
         "-o", "BatchMode=yes", "--workers", "3", "--drain-timeout", "2.5", "--window", str(16 << 20),
+        "-F", "none", "-J", "hop@jump.example.com:2200,[::1]:22", "-o", "HostName=10.0.0.5",
         "-p", "02222", "me@bastion.example.com"])
-    assert (opts.user, opts.host, opts.port, opts.workers) == ("me", "bastion.example.com", 2222, 3)
+    assert (opts.user, opts.host, opts.port, opts.workers) == ("me", "10.0.0.5", 2222, 3)
+    assert opts.proxy_jump == ["hop@jump.example.com:2200", "[::1]:22"] and opts.proxy_command is None
     assert opts.server_alive_interval == 90 and opts.connect_timeout is None and batch is True
     assert opts.ciphers.endswith(",aes256-cbc") and opts.drain_timeout == 2.5 and opts.gateway_ports
     assert [str(f) for f in opts.forwards] == ["*:0 -> db:5432", "[::1]:8080 -> [::1]:80",
@@ -100,12 +109,13 @@ def test_api_checks_options_before_connecting(kw, said):
 
 # ---------------------------------------------------------------- fuzz
 
-FLAGS = ["-L", "-p", "-l", "-i", "-o", "-g", "-v", "-N", "-n", "-T", "-f", "-R", "-D", "-J",
+FLAGS = ["-L", "-p", "-l", "-i", "-o", "-g", "-v", "-N", "-n", "-T", "-f", "-R", "-D", "-J", "-F", "-G", "-W",
          "-gL", "-vo", "-Lp", "--workers", "--ready-fd", "--drain-timeout", "--client-wait",
          "--window", "--", "-", "--bogus", "-x"]
 OPTION_NAMES = ["UserKnownHostsFile", "StrictHostKeyChecking", "ConnectTimeout", "ServerAliveInterval",
                 "ServerAliveCountMax", "ExitOnForwardFailure", "GatewayPorts", "IdentityFile",
-                "IdentitiesOnly", "Ciphers", "Port", "User", "BatchMode", "connecttimeout", "ProxyJump"]
+                "IdentitiesOnly", "Ciphers", "Port", "User", "BatchMode", "connecttimeout", "ProxyJump",
+                "HostName", "ProxyCommand", "Compression"]
 # Odd values, by the kind of field they replace or are spliced into.
 ODD = {
     "number": ["٣٣٠٦", "２４１１０", "80²", "-1", "", "1_0", " 80", "+80", "0x10", "1e3", "nan", "inf",
@@ -146,6 +156,7 @@ option_fields = st.sampled_from([
     ("BatchMode", "value", "yes"), ("StrictHostKeyChecking", "value", "accept-new"),
     ("UserKnownHostsFile", "path", "/tmp/kh ~/kh2"), ("IdentityFile", "path", "~/.ssh/id_test"),
     ("IdentitiesOnly", "value", "yes"), ("GatewayPorts", "value", "no"), ("ExitOnForwardFailure", "value", "yes"),
+    ("ProxyJump", "name", "jump.example.com"), ("ProxyJump", "value", "none"), ("HostName", "name", "db.internal"),
 ]).map(lambda o: (("name", o[0]), (o[1], o[2])))
 flag_values = st.one_of(
     st.tuples(st.just("--workers"), field("number", st.integers(0, 64).map(str))),
@@ -154,7 +165,9 @@ flag_values = st.one_of(
               field("number", st.sampled_from(["0", "2.5", ".5", "10"]))),
     st.tuples(st.just("-p"), port1), st.tuples(st.just("-l"), field("name", st.just("me"))),
     st.tuples(st.just("-i"), field("path", st.just("/tmp/key"))),
-    st.tuples(st.just("--ready-fd"), field("number", st.just("3"))))
+    st.tuples(st.just("--ready-fd"), field("number", st.just("3"))),
+    st.tuples(st.just("-F"), field("value", st.just("none"))),
+    st.tuples(st.just("-J"), field("name", st.sampled_from(["jump", "me@jump:2222", "none"]))))
 destination_fields = st.one_of(st.tuples(host), st.tuples(field("name", st.just("me")), host))
 
 

@@ -31,7 +31,7 @@ from . import validate
 from .errors import UsageError
 from .options import DEFAULT_CIPHERS, Options
 from .spec import parse_dynamic_forward, parse_local_forward
-from .sshopts import parse_jump, split_hop
+from .sshopts import parse_jump
 
 SSH_MISSING = "ssh not found: ~/.ssh/config is not read; using the command line alone"
 SSH_G_TIMEOUT = 60.0   # Match exec runs the user's commands: bounded, not trusted to end
@@ -151,8 +151,10 @@ def tokens(r: Resolved, host_arg: str) -> dict[str, str]:
     except KeyError:
         local_user = os.environ.get("USER", "")
     this_host = socket.gethostname()
+    from .hops import parse_hop
+
     hops = parse_jump(r.one("proxyjump") or "none", "ProxyJump")
-    last_hop = split_hop(hops[-1], "ProxyJump")[1] if hops else ""   # %j: the hop nearest the server
+    last_hop = parse_hop(hops[-1]).host if hops else ""   # %j: the hop nearest the server
     return {
         "C": r.one("controlpath") or "", "L": this_host.split(".", 1)[0], "i": str(os.getuid()),
         "k": r.one("hostkeyalias") or host_arg, "l": this_host, "n": host_arg,

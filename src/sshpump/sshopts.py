@@ -44,33 +44,23 @@ def _split(text: str, known: dict = KNOWN) -> tuple[str, str]:
     return name, value.strip()
 
 
-def split_hop(text: str, what: str) -> tuple[str | None, str, int | None]:
-    """One jump host as ssh -J takes it: [user@]host[:port] or
-    ssh://[user@]host[:port], an IPv6 host in square brackets."""
-    hop = text[len("ssh://"):] if text.startswith("ssh://") else text
-    user, _, hostport = hop.rpartition("@")
-    if hostport.startswith("["):
-        host, sep, rest = hostport[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise UsageError(f"{what} {validate.show(text)}: expected [user@]host[:port]")
-        port = rest[1:] if rest else None
-    else:
-        host, sep, port = hostport.partition(":")
-        port = port if sep else None
-    host = validate.host(host, f"{what} host", resolved_here=True)
-    return (validate.user(user, f"{what} user") if user else None, host,
-            validate.port(port, f"{what} port") if port is not None else None)
-
-
 def parse_jump(text: str, what: str = "-J") -> list[str]:
-    """ProxyJump / -J: hops as "[user@]host[:port]", first hop first; "none": none."""
+    """ProxyJump / -J as Options.proxy_jump: hops as "[user@]host[:port]"
+    (an IPv6 address in brackets when a port follows), first hop first;
+    "none": none. Each hop is read by hops.parse_hop, the reader the jump
+    chain uses, so what is accepted here is what can be connected."""
+    from .hops import parse_hop   # here: hops imports the session layer
+
     if text.strip().lower() == "none":
         return []
     hops = []
     for hop in text.split(","):
-        user, host, port = split_hop(hop.strip(), what)
-        shown = f"[{host}]" if ":" in host and port is not None else host
-        hops.append((f"{user}@" if user else "") + shown + (f":{port}" if port is not None else ""))
+        try:
+            spec = parse_hop(hop)
+        except UsageError as e:
+            raise UsageError(f"{what}: {e}") from None
+        host = f"[{spec.host}]" if ":" in spec.host and spec.port is not None else spec.host
+        hops.append((f"{spec.user}@" if spec.user else "") + host + (f":{spec.port}" if spec.port else ""))
     return hops
 
 
@@ -158,6 +148,9 @@ def check_options(opts: Options) -> Options:
     validate.number_in(opts.window, "window", 0, MAX_WINDOW, integer=True)
     validate.number_in(opts.drain_timeout, "drain_timeout", 0, validate.MAX_SECONDS)
     validate.number_in(opts.client_wait, "client_wait", 0, validate.MAX_SECONDS)
+    from .hops import check_transport   # jump hosts and ProxyCommand tokens, as the chain reads them
+
+    check_transport(opts)
     return opts
 
 

@@ -172,6 +172,24 @@ def test_command_line_wins_over_the_config(config, tmp_path):
     assert ssh["serveraliveinterval"] == ["0"] and ours["serveraliveinterval"] == ["30"]
 
 
+def test_each_jump_host_is_resolved_as_ssh_resolves_it(tmp_path):
+    """ssh reaches a hop as any host: its own HostName, User and Port (the
+    local user when nothing names one, not the destination's)."""
+    cfg = tmp_path / "c"
+    cfg.write_text("Host bastion\n  HostName bastion.example.com\n  User ops\n  Port 2022\n"
+                   "Host db\n  User postgres\n  ProxyJump bastion,me@other:23,plain\n")
+    assert ssh_g("-F", str(cfg), "db")["proxyjump"] == ["bastion,me@other:23,plain"]
+    hops = []
+    for args in (["bastion"], ["-l", "me", "-p", "23", "other"], ["plain"]):
+        ssh = ssh_g("-F", str(cfg), *args)
+        hops.append(f"{ssh['user'][0]}@{ssh['hostname'][0]}:{ssh['port'][0]}")
+    assert hops[0] == "ops@bastion.example.com:2022" and hops[2].endswith("@plain:22")
+    ours = sshpump_g("-F", str(cfg), "db")
+    assert ours["proxyjump"] == [",".join(hops)] and ours["user"] == ["postgres"]
+    # -J on the command line goes through the same resolution
+    assert sshpump_g("-F", str(cfg), "-J", "bastion", "db")["proxyjump"] == ["ops@bastion.example.com:2022"]
+
+
 def test_f_none_reads_no_file(tmp_path):
     ours = sshpump_g("-F", "none", "-L", "0:h:1", "Some-Host")
     ssh = ssh_g("-F", "none", "Some-Host")

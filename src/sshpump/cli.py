@@ -239,6 +239,7 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
             destination=f"{user}@{host}" if user else host, config_file=ns.ssh_config,
             port=ns.port, login=ns.login, jump=ns.jump, options=to_ssh))
         config_batch = sshconfig.apply(opts, resolved, host, own)
+        opts.proxy_jump = sshconfig.resolve_hops(ssh, opts.proxy_jump, ns.ssh_config)
         config_forwards, remote = sshconfig.config_forwards(resolved, host)
     elif ns.ssh_config not in (None, "none"):
         raise UsageError(f"-F {validate.show(ns.ssh_config)}: ssh is not installed (not on PATH), "

@@ -117,6 +117,30 @@ def resolve(ssh: str, q: Query) -> Resolved:
     return Resolved(settings, defaults)
 
 
+def resolve_hops(ssh: str, hops: list[str], config_file: str | None) -> list[str]:
+    """Each jump host as ssh reaches it: ssh connects to a hop as to any
+    host, with the hop's own Host/Match blocks (its HostName, User, Port;
+    the local user when none names one, not the destination's). Returned
+    as "user@host:port" so that the jump chain needs no config of its own."""
+    from .hops import parse_hop
+
+    out = []
+    for hop in hops:
+        spec = parse_hop(hop)
+        args = ["-F", config_file] if config_file is not None else []
+        if spec.user:
+            args += ["-l", spec.user]
+        if spec.port:
+            args += ["-p", str(spec.port)]
+        got = _ssh_g(ssh, [*args, "--", spec.host])
+        host = validate.host(got["hostname"][0], f"ssh config HostName of jump host {validate.show(hop)}",
+                             resolved_here=True)
+        user = validate.user(got["user"][0], f"ssh config User of jump host {validate.show(hop)}")
+        port = validate.port(got["port"][0], f"ssh config Port of jump host {validate.show(hop)}")
+        out.append(f"{user}@{f'[{host}]' if ':' in host else host}:{port}")
+    return out
+
+
 # ---------------------------------------------------------------- %-tokens
 
 _TOKEN = re.compile(r"%(.?)|\$\{([^}]*)\}|\$\{")

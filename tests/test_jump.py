@@ -12,7 +12,6 @@ Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -33,7 +32,6 @@ from testbed._util import wait_for
 from testbed.client import (connect, download_and_verify, download_until_cut, echo_roundtrip,
                             upload_and_verify)
 from testbed.data import pattern_bytes
-from testbed.sshd import Sshd
 from testbed.targets import Targets
 
 from helpers import alive, extra_sshd, run_cli, base_args, clean_env
@@ -398,3 +396,56 @@ def _closed_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+# ---- the command line: -J and -o ProxyCommand ------------------------------
+
+def _cli_args(behind, keys_of=None):
+    """-p, -i (the keys of ``keys_of``, default every server) and -o options."""
+    args = ["-p", str(behind.target.port)]
+    for s in keys_of or behind.servers:
+        args += ["-i", s.client_key]
+    args += ["-o", "UserKnownHostsFile=" + " ".join(s.known_hosts for s in behind.servers),
+             "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"]
+    return args
+
+
+def test_cli_jump_with_two_workers(behind):
+    from helpers import Pump
+    argv = ["-v", "--workers", "2", *_cli_args(behind), "-J", behind.jump_spec(),
+            "-L", behind.spec("echo"), behind.dest]
+    with Pump(argv, env=clean_env()) as p:
+        wait_for(lambda: all(w["up"] for w in p.stats()["tunnels"]["default"]["workers"]), 15,
+                 what="both workers up")
+        assert len(p.stats()["tunnels"]["default"]["workers"]) == 2
+        _exercise(p.address, "cli-jump")
+        assert _established_to(behind.jump) == 2
+        assert p.stop() == 0
+
+
+def test_cli_jump_auth_failure_names_the_hop(behind):
+    jump = behind.jump
+    argv = [*_cli_args(behind, keys_of=[behind.target]), "-J", behind.jump_spec(), "-L", behind.spec(),
+            behind.dest]
+    rc, err = run_cli(argv)
+    assert rc == 5, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"sshpump: jump host {jump.host} port {jump.port}: authentication failed"), err
+
+
+def test_cli_proxycommand_nc(pump, sshd, targets):
+    echo = targets.tcp["echo"]
+    p = pump(f"0:{echo[0]}:{echo[1]}", workers=1, extra=["-o", "ProxyCommand=nc %h %p"])
+    _exercise(p.address, "cli-proxycommand")
+    assert [w["up"] for w in p.stats()["tunnels"]["default"]["workers"]] == [True]
+
+
+def test_cli_proxycommand_that_exits_at_once(sshd, targets):
+    echo = targets.tcp["echo"]
+    args, dest = base_args(sshd)
+    for workers in ("0", "1"):
+        rc, err = run_cli([*args, "--workers", workers, "-o", "ProxyCommand=false",
+                           "-L", f"0:{echo[0]}:{echo[1]}", dest])
+        assert rc == 3, err
+        assert err.strip().splitlines() == ["sshpump: ProxyCommand 'false' exited with code 1"], err

@@ -128,7 +128,7 @@ async def connect(opts: Options, name: str, on_lost):
         return (*await asyncio.to_thread(ssh_session.connect, opts), None)
     try:
         session, sock, control = await asyncio.to_thread(ssh_session.connect, opts, stream.sock)
-    except SshpumpError as e:
+    except SshpumpError:
         why = await stream.why_dead()
         stream.close()
         if why:

@@ -41,6 +41,14 @@ FAST_KEEPALIVES = dict(server_alive_interval=1, server_alive_count_max=2)
 DEBUG_LOG = {"LogLevel": "DEBUG1"}
 
 
+@pytest.fixture
+def nc():
+    """OpenBSD netcat, the ProxyCommand of these tests."""
+    import shutil
+    if shutil.which("nc") is None:
+        pytest.skip("nc not installed (Debian: netcat-openbsd)")
+
+
 def _direct_tcpip_lines(server, port) -> list[str]:
     """The server's log lines for direct-tcpip channels it opened to 127.0.0.1:port."""
     pat = re.compile(rf"server_request_direct_tcpip: originator .* target 127\.0\.0\.1 port {port}\b")
@@ -163,7 +171,7 @@ def test_hop_specs():
 
 # ---- ProxyCommand ----------------------------------------------------------
 
-def test_proxycommand_nc_carries_echo(sshd, targets, caplog):
+def test_proxycommand_nc_carries_echo(sshd, targets, caplog, nc):
     """nc %h %p as the ProxyCommand; its stderr goes to the log."""
     echo = targets.tcp["echo"]
     cmd = "sh -c 'echo proxy-says-hello >&2; exec nc %h %p'"
@@ -198,7 +206,7 @@ def _nc_children(cmd_marker) -> list[int]:
     return out
 
 
-def test_proxycommand_death_reconnects_with_a_fresh_command(sshd, targets):
+def test_proxycommand_death_reconnects_with_a_fresh_command(sshd, targets, nc):
     echo = targets.tcp["echo"]
     with sshpump.forward(f"{sshd.user}@{sshd.host}", f"0:{echo[0]}:{echo[1]}", port=sshd.port,
                          identity=sshd.client_key, known_hosts=sshd.known_hosts, proxy_command="nc %h %p",
@@ -434,7 +442,7 @@ def test_cli_jump_auth_failure_names_the_hop(behind):
         f"sshpump: jump host {jump.host} port {jump.port}: authentication failed"), err
 
 
-def test_cli_proxycommand_nc(pump, sshd, targets):
+def test_cli_proxycommand_nc(pump, sshd, targets, nc):
     echo = targets.tcp["echo"]
     p = pump(f"0:{echo[0]}:{echo[1]}", workers=1, extra=["-o", "ProxyCommand=nc %h %p"])
     _exercise(p.address, "cli-proxycommand")
@@ -449,3 +457,50 @@ def test_cli_proxycommand_that_exits_at_once(sshd, targets):
                            "-L", f"0:{echo[0]}:{echo[1]}", dest])
         assert rc == 3, err
         assert err.strip().splitlines() == ["sshpump: ProxyCommand 'false' exited with code 1"], err
+
+
+def _children_named(pid, name: bytes) -> list[int]:
+    from testbed._util import children_of
+    out = []
+    for k in children_of(pid):
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[0] == name:
+                    out.append(k)
+        except OSError:
+            pass
+    return out
+
+
+def test_cli_rebuilt_chain_and_fresh_command_leak_no_fd(behind, pump, sshd, targets, nc):
+    """After a jump restart (chain rebuilt) and a killed ProxyCommand (a new
+    one started), every process has no more fds than at the start."""
+    from helpers import Pump
+    with behind.jump_sshd() as jump:
+        servers = [*behind.servers, jump]
+        argv = ["-v", "--workers", "1", "-p", str(behind.target.port),
+                *[a for s in servers for a in ("-i", s.client_key)],
+                "-o", "UserKnownHostsFile=" + " ".join(s.known_hosts for s in servers),
+                "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
+                "-J", behind.jump_spec(jump), "-L", behind.spec("echo"), behind.dest]
+        with Pump(argv, env=clean_env()) as p:
+            p.baseline()
+            _exercise(p.address, "before")
+            up = lambda: all(w["up"] for w in p.stats()["tunnels"]["default"]["workers"])  # noqa: E731
+            jump.restart()
+            wait_for(lambda: not up(), 10, what="the chain seen dead")
+            wait_for(up, 20, what="the chain rebuilt")
+            _exercise(p.address, "after")
+            p.assert_idle()
+    echo = targets.tcp["echo"]
+    p = pump(f"0:{echo[0]}:{echo[1]}", workers=1, extra=["-o", "ProxyCommand=nc %h %p",
+                                                         "-o", "ServerAliveInterval=1"])
+    worker = p.workers()[0]
+    first = _children_named(worker, b"nc")
+    assert len(first) == 1
+    os.kill(first[0], signal.SIGKILL)
+    up = lambda: all(w["up"] for w in p.stats()["tunnels"]["default"]["workers"])  # noqa: E731
+    wait_for(lambda: _children_named(worker, b"nc") not in ([], first) and up(), 20, what="a fresh command")
+    assert not os.path.exists(f"/proc/{first[0]}"), "the killed command was not reaped"
+    _exercise(p.address, "after")
+    # the pump fixture's teardown checks idle and fds against the baseline

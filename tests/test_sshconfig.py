@@ -190,6 +190,19 @@ def test_each_jump_host_is_resolved_as_ssh_resolves_it(tmp_path):
     assert sshpump_g("-F", str(cfg), "-J", "bastion", "db")["proxyjump"] == ["ops@bastion.example.com:2022"]
 
 
+def test_every_token_expands_as_ssh_expands_it(config):
+    """ssh -G expands ControlPath itself: the same template through
+    sshpump's expansion must give the same path, token for token."""
+    from sshpump import sshconfig, sshtokens
+
+    template = "~/%d/%h/%r/%u/%l/%L/%n/%p/%i/%k/%%/%C"
+    for host, seen in (("db-main", "/db-main.internal/dbadmin/"), ("DB-Main", "/db-main/fallback/")):
+        want = ssh_g("-F", str(config), "-o", f"ControlPath={template}", host)["controlpath"][0]
+        resolved = sshconfig.resolve(SSH, sshconfig.Query(destination=host, config_file=str(config)))
+        got = sshtokens.expand_path(template, sshconfig.tokens(resolved, host), "test")
+        assert got == want and seen in got   # %n keeps the case typed, %h is ssh's (lowercased)
+
+
 def test_f_none_reads_no_file(tmp_path):
     ours = sshpump_g("-F", "none", "-L", "0:h:1", "Some-Host")
     ssh = ssh_g("-F", "none", "Some-Host")
@@ -238,7 +251,7 @@ def test_without_ssh_one_warning_and_the_command_line_alone(tmp_path):
     env = no_ssh_env(tmp_path)
     rc, out, err = sshpump("-G", "-J", "me@jump:2222", "-o", "ProxyCommand=none", "-L", "0:h:1", "-p", "2200",
                            "u@host", env=env)
-    assert rc == 0 and err == f"sshpump: warning: ssh not found: ~/.ssh/config is not read; " \
+    assert rc == 0 and err == "sshpump: warning: ssh not found: ~/.ssh/config is not read; " \
                               "using the command line alone\n", err
     assert {"user u", "hostname host", "port 2200", "proxyjump me@jump:2222", "localforward 0 [h]:1"} \
         <= set(out.splitlines())
@@ -248,6 +261,8 @@ def test_without_ssh_one_warning_and_the_command_line_alone(tmp_path):
     assert lines[-1] == "sshpump: connect to 127.0.0.1 port 1: Connection refused", err   # it ran, and tried
     rc, out, err = sshpump("-F", str(tmp_path / "c"), "-L", "0:h:1", "h", env=env)
     assert rc == 2 and len(err.splitlines()) == 1 and "ssh is not installed" in err, err
+    rc, out, err = sshpump("-G", "-F", "none", "-L", "0:h:1", "h", env=env)
+    assert rc == 0 and err == "", err   # -F none asked for no file: nothing to warn of
 
 
 def test_config_alias_carries_an_echo(sshd, targets, tmp_path):

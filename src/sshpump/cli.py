@@ -244,7 +244,7 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     elif ns.ssh_config not in (None, "none"):
         raise UsageError(f"-F {validate.show(ns.ssh_config)}: ssh is not installed (not on PATH), "
                          "and sshpump reads ssh config files through `ssh -G`")
-    else:
+    elif ns.ssh_config is None:   # with -F none no file was wanted: nothing to warn of
         _warn_ssh_missing()
     # As in ssh: the command line's keys first, then the config's.
     opts.identities = command_line_identities + opts.identities

@@ -11,8 +11,8 @@ What ``ssh -G`` prints needs care (DESIGN.md section 9):
   for this ssh version), and sshpump's own defaults are kept for those
   (ConnectTimeout 30 s, ServerAliveInterval 30 s, its cipher order);
 - IdentityFile and unix-socket forward paths come out with ``~`` and
-  %-tokens unexpanded (expand_path does it as ssh.c does); %C is asked of
-  ssh itself, as its hash differs between ssh versions;
+  %-tokens unexpanded (sshtokens.py expands them as ssh.c does); %C is
+  asked of ssh itself, as its hash differs between ssh versions;
 - a LocalForward to a unix path is printed a second time as a phantom
   ``dynamicforward`` line (readconf.c dump_cfg_forwards): dropped here.
 """
@@ -20,16 +20,13 @@ What ``ssh -G`` prints needs care (DESIGN.md section 9):
 from __future__ import annotations
 
 import os
-import pwd
-import re
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass, field
 
-from . import validate
+from . import sshtokens, validate
 from .errors import UsageError
-from .options import DEFAULT_CIPHERS, Options
+from .options import Options
 from .spec import parse_dynamic_forward, parse_local_forward
 from .sshopts import parse_jump
 
@@ -141,75 +138,18 @@ def resolve_hops(ssh: str, hops: list[str], config_file: str | None) -> list[str
     return out
 
 
-# ---------------------------------------------------------------- %-tokens
-
-_TOKEN = re.compile(r"%(.?)|\$\{([^}]*)\}|\$\{")
-
-
-def home_dir() -> str:
-    # ssh takes ~ and %d from the password database, not from $HOME.
-    try:
-        return pwd.getpwuid(os.getuid()).pw_dir
-    except KeyError:
-        return os.path.expanduser("~")
-
-
-def _tilde(path: str) -> str:
-    if not path.startswith("~"):
-        return path
-    name, sep, rest = path[1:].partition("/")
-    if not name:
-        base = home_dir()
-    else:
-        try:
-            base = pwd.getpwnam(name).pw_dir
-        except KeyError:
-            raise UsageError(f"ssh config: no such user {validate.show(name)} in {validate.show(path)}") from None
-    return base.rstrip("/") + "/" + rest if sep else base
-
-
 def tokens(r: Resolved, host_arg: str) -> dict[str, str]:
-    """ssh.c's DEFAULT_CLIENT_PERCENT_EXPAND_ARGS for this connection."""
-    try:
-        local_user = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        local_user = os.environ.get("USER", "")
-    this_host = socket.gethostname()
+    """The %-token values of this connection, from ssh's answer."""
     from .hops import parse_hop
 
     hops = parse_jump(r.one("proxyjump") or "none", "ProxyJump")
-    last_hop = parse_hop(hops[-1]).host if hops else ""   # %j: the hop nearest the server
-    return {
-        "C": r.one("controlpath") or "", "L": this_host.split(".", 1)[0], "i": str(os.getuid()),
-        "k": r.one("hostkeyalias") or host_arg, "l": this_host, "n": host_arg,
-        "p": r.one("port") or "22", "d": home_dir(), "h": r.one("hostname") or host_arg,
-        "r": r.one("user") or local_user, "u": local_user, "j": last_hop, "%": "%",
-    }
-
-
-def expand_path(path: str, values: dict[str, str], what: str) -> str:
-    """``~``, then %-tokens and ${VAR}, as ssh.c expands IdentityFile (tilde
-    first, then default_client_percent_dollar_expand)."""
-    path = _tilde(path)
-
-    def one(m: re.Match) -> str:
-        if m.group(0) == "${":
-            raise UsageError(f"ssh config: {what} {validate.show(path)}: unterminated ${{")
-        if m.group(2) is not None:
-            if m.group(2) not in os.environ:
-                raise UsageError(f"ssh config: {what} {validate.show(path)}: ${{{m.group(2)}}} is not set")
-            return os.environ[m.group(2)]
-        if m.group(1) not in values:
-            raise UsageError(f"ssh config: {what} {validate.show(path)}: unknown %-token %{m.group(1)}")
-        return values[m.group(1)]
-    return _TOKEN.sub(one, path)
+    return sshtokens.connection_tokens(
+        host=r.one("hostname") or host_arg, port=r.one("port") or "22", user=r.one("user"),
+        host_arg=host_arg, conn_hash=r.one("controlpath") or "", key_alias=r.one("hostkeyalias"),
+        last_hop=parse_hop(hops[-1]).host if hops else "")   # %j: the hop nearest the server
 
 
 # ---------------------------------------------------------------- forwards
-
-def _listen_of(line: str) -> str:
-    return line.split(" ", 1)[0]
-
 
 def forward_lines(r: Resolved) -> tuple[list[str], list[str], list[str]]:
     """(localforward, dynamicforward, remoteforward) lines as ssh -G prints
@@ -227,7 +167,7 @@ def forward_lines(r: Resolved) -> tuple[list[str], list[str], list[str]]:
 
 def _spec_path(text: str, values: dict[str, str]) -> str:
     # Unix-socket paths take ~ and %-tokens (ssh.c expands them at start).
-    return expand_path(text, values, "forward path") if text.startswith(("/", "~")) else text
+    return sshtokens.expand_path(text, values, "forward path") if text.startswith(("/", "~")) else text
 
 
 def local_forward(line: str, values: dict[str, str]):
@@ -280,10 +220,10 @@ def apply(opts: Options, r: Resolved, host_arg: str, own: set[str]) -> bool | No
     if r.chosen("identityfile") is not None:
         # The config's files (the command line's go before them, in cli.py);
         # as ssh does, a listed file that does not exist is skipped.
-        paths = [expand_path(p, values, "IdentityFile") for p in r.settings["identityfile"]]
+        paths = [sshtokens.expand_path(p, values, "IdentityFile") for p in r.settings["identityfile"]]
         opts.identities = [p for p in paths if os.path.exists(p)]
     if "UserKnownHostsFile" not in own and r.chosen("userknownhostsfile") is not None:
-        opts.known_hosts = [_tilde(p) for p in r.one("userknownhostsfile").split()]
+        opts.known_hosts = [sshtokens.tilde(p) for p in r.one("userknownhostsfile").split()]
     if "StrictHostKeyChecking" not in own and r.one("stricthostkeychecking") is not None:
         opts.strict_host_key_checking = STRICT.get(r.one("stricthostkeychecking").lower(), "yes")
     timeout = r.one("connecttimeout")

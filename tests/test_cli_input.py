@@ -21,6 +21,7 @@ import sshpump
 from sshpump import validate
 from sshpump.cli import one_line, parse_command_line
 from sshpump.sshopts import MAX_WINDOW, MAX_WORKERS, check_options
+from sshpump.sshtokens import local_user
 
 from helpers import run_cli
 
@@ -89,7 +90,8 @@ def test_what_ssh_accepts_still_parses():
         "-F", "none", "-J", "hop@jump.example.com:2200,[::1]:22", "-o", "HostName=10.0.0.5",
         "-p", "02222", "me@bastion.example.com"])
     assert (opts.user, opts.host, opts.port, opts.workers) == ("me", "10.0.0.5", 2222, 3)
-    assert opts.proxy_jump == ["hop@jump.example.com:2200", "[::1]:22"] and opts.proxy_command is None
+    # each hop as ssh reaches it: its user (the local one when none is named) and port written out
+    assert opts.proxy_jump == ["hop@jump.example.com:2200", f"{local_user()}@[::1]:22"] and opts.proxy_command is None
     assert opts.server_alive_interval == 90 and opts.connect_timeout is None and batch is True
     assert opts.ciphers.endswith(",aes256-cbc") and opts.drain_timeout == 2.5 and opts.gateway_ports
     assert [str(f) for f in opts.forwards] == ["*:0 -> db:5432", "[::1]:8080 -> [::1]:80",

@@ -12,6 +12,8 @@ Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import re
 import signal
@@ -504,3 +506,21 @@ def test_cli_rebuilt_chain_and_fresh_command_leak_no_fd(behind, pump, sshd, targ
     assert not os.path.exists(f"/proc/{first[0]}"), "the killed command was not reaped"
     _exercise(p.address, "after")
     # the pump fixture's teardown checks idle and fds against the baseline
+
+
+@pytest.mark.slow
+def test_bench_jump_smoke(tmp_path, sshd):
+    """python -m bench.jump end to end, tiny: every contender measured on
+    every workload (no timing is judged)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "bench.jump", "--bulk-mib", "2", "--pg-seconds", "1",
+                        "--out", str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    files = glob.glob(str(tmp_path / "*-jump.json"))
+    assert len(files) == 1 and glob.glob(str(tmp_path / "*-jump.md"))
+    with open(files[0]) as f:
+        res = json.load(f)["results"]
+    assert set(res) == {"ssh -J", "sshpump w0", "sshpump w2"}
+    for name, row in res.items():
+        assert set(row) == {"up", "down", "pgbench_C_c16"}, name
+        assert all(cell["value"] > 0 for cell in row.values()), (name, row)

@@ -209,6 +209,31 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
         return None, ns, False
     if ns.control is not None:
         ns.control = validate.path(ns.control, "--control", max_bytes=validate.UNIX_PATH_MAX)
+    opts, batch, to_ssh, own = _from_command_line(ns)
+    config_batch, config_forwards, remote = _read_ssh_config(opts, ns, to_ssh, own)
+    for fwd in config_forwards:   # ssh adds a config forward unless the same one is there already
+        if not any((f.listen, f.target) == (fwd.listen, fwd.target) for f in opts.forwards):
+            opts.forwards.append(fwd)
+    batch_mode = bool(batch[-1]) if batch else bool(config_batch)
+    check_options(opts)
+    if ns.print_config:
+        print(sshconfig.describe(opts, batch_mode, remote))
+        raise SystemExit(0)
+    if not opts.forwards:
+        raise UsageError("nothing to forward: give at least one -L or -D (or LocalForward/DynamicForward "
+                         "in the ssh config)")
+    if remote:
+        print(f"sshpump: warning: RemoteForward from the ssh config is not carried out yet: "
+              f"{validate.show(remote[0])}{f' and {len(remote) - 1} more' if len(remote) > 1 else ''}",
+              file=sys.stderr)
+    return opts, ns, batch_mode
+
+
+def _from_command_line(ns) -> tuple[Options, list, list[str], set[str]]:
+    """Options from the command line alone, every value checked (before
+    ssh -G runs a config's Match exec commands). Also returns the BatchMode
+    values, the -o options for ssh -G (SSH_RESOLVES) and the names of the
+    other -o options given (they win over the config's)."""
     user, _, host = ns.destination.rpartition("@")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -222,8 +247,7 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
             to_ssh.append(f"{name}={option_value(o)}")
         else:
             own.add(name)
-    command_line_identities = [validate.local_file(i, "-i") for i in ns.identity] + opts.identities
-    opts.identities = []
+    opts.identities = [validate.local_file(i, "-i") for i in ns.identity] + opts.identities
     if ns.login is not None:
         opts.user = validate.user(ns.login, "-l")
     if ns.port is not None:
@@ -232,39 +256,10 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
         opts.proxy_jump = parse_jump(ns.jump, "-J")
     if ns.ssh_config is not None:
         validate.path(ns.ssh_config, "-F")
-    remote, config_batch, config_forwards = [], None, []
-    ssh = sshconfig.find_ssh()
-    if ssh is not None:
-        resolved = sshconfig.resolve(ssh, sshconfig.Query(
-            destination=f"{user}@{host}" if user else host, config_file=ns.ssh_config,
-            port=ns.port, login=ns.login, jump=ns.jump, options=to_ssh))
-        config_batch = sshconfig.apply(opts, resolved, host, own)
-        opts.proxy_jump = sshconfig.resolve_hops(ssh, opts.proxy_jump, ns.ssh_config)
-        config_forwards, remote = sshconfig.config_forwards(resolved, host)
-    elif ns.ssh_config not in (None, "none"):
-        raise UsageError(f"-F {validate.show(ns.ssh_config)}: ssh is not installed (not on PATH), "
-                         "and sshpump reads ssh config files through `ssh -G`")
-    elif ns.ssh_config is None:   # with -F none no file was wanted: nothing to warn of
-        _warn_ssh_missing()
-    # As in ssh: the command line's keys first, then the config's.
-    opts.identities = command_line_identities + opts.identities
     opts.forwards = [parse_local_forward(s) for s in ns.local] + [parse_dynamic_forward(s) for s in ns.dynamic]
-    for fwd in config_forwards:   # ssh adds a config forward unless the same one is there already
-        if not any((f.listen, f.target) == (fwd.listen, fwd.target) for f in opts.forwards):
-            opts.forwards.append(fwd)
-    opts.gateway_ports = opts.gateway_ports or ns.gateway
-    batch_mode = bool(batch[-1]) if batch else bool(config_batch)
-    if ns.print_config:
-        check_options(opts)
-        print(sshconfig.describe(opts, batch_mode, remote))
-        raise SystemExit(0)
-    if not opts.forwards:
-        raise UsageError("nothing to forward: give at least one -L or -D (or LocalForward/DynamicForward "
-                         "in the ssh config)")
-    if remote:
-        print(f"sshpump: warning: RemoteForward from the ssh config is not carried out yet: "
-              f"{validate.show(remote[0])}{f' and {len(remote) - 1} more' if len(remote) > 1 else ''}",
-              file=sys.stderr)
+    if ns.gateway:   # -g is -o GatewayPorts=yes
+        opts.gateway_ports = True
+        own.add("GatewayPorts")
     opts.verbose = ns.verbose
     opts.workers = (default_workers() if ns.workers is None
                     else validate.ascii_int(ns.workers, "--workers", 0, MAX_WORKERS))
@@ -274,8 +269,32 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
         opts.client_wait = validate.decimal_seconds(ns.client_wait, "--client-wait")
     if ns.window is not None:
         opts.window = validate.ascii_int(ns.window, "--window", 0, MAX_WINDOW)
-    check_options(opts)
-    return opts, ns, batch_mode
+    return opts, batch, to_ssh, own
+
+
+def _read_ssh_config(opts: Options, ns, to_ssh: list[str], own: set[str]):
+    """The ssh config's settings into opts, as ``ssh -G`` resolves them for
+    this command line. Returns (the config's BatchMode or None, its
+    LocalForward/DynamicForward, its RemoteForward lines)."""
+    ssh = sshconfig.find_ssh()
+    if ssh is None:
+        if ns.ssh_config not in (None, "none"):
+            raise UsageError(f"-F {validate.show(ns.ssh_config)}: ssh is not installed (not on PATH), "
+                             "and sshpump reads ssh config files through `ssh -G`")
+        if ns.ssh_config is None:   # with -F none no file was wanted: nothing to warn of
+            _warn_ssh_missing()
+        return None, [], []
+    user, _, host = ns.destination.rpartition("@")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    resolved = sshconfig.resolve(ssh, sshconfig.Query(
+        destination=f"{user}@{host}" if user else host, config_file=ns.ssh_config,
+        port=ns.port, login=ns.login, jump=ns.jump, options=to_ssh))
+    command_line_identities, opts.identities = opts.identities, []
+    config_batch = sshconfig.apply(opts, resolved, host, own)
+    opts.identities = command_line_identities + opts.identities   # as in ssh: the command line's first
+    opts.proxy_jump = sshconfig.resolve_hops(ssh, opts.proxy_jump, ns.ssh_config)
+    config_forwards, remote = sshconfig.config_forwards(resolved, host)
+    return config_batch, config_forwards, remote
 
 
 _warned_ssh_missing = False

@@ -291,3 +291,40 @@ def test_config_alias_carries_an_echo(sshd, targets, tmp_path):
                 got += chunk
         assert got == b"through the config"
         assert p.stop() == 0
+
+
+def test_config_proxyjump_carries_an_echo(sshd, targets, tmp_path):
+    """A Host alias whose ProxyJump is another alias, both resolved from the
+    config (the suite's sshd is its own jump host here; test_jump.py proves
+    the path through separate servers)."""
+    echo_host, echo_port = targets.tcp["echo"]
+    cfg = tmp_path / "c"
+    cfg.write_text(
+        "Host jumpbox\n"
+        f"  HostName {sshd.host}\n"
+        f"  Port {sshd.port}\n"
+        f"  User {sshd.user}\n"
+        "Host behind\n"
+        f"  HostName {sshd.host}\n"
+        "  ProxyJump jumpbox\n"
+        "Host *\n"
+        f"  Port {sshd.port}\n"
+        f"  User {sshd.user}\n"
+        f"  IdentityFile {sshd.client_key}\n"
+        f"  UserKnownHostsFile {sshd.known_hosts}\n"
+        "  ConnectTimeout 10\n"
+        f"  LocalForward {tmp_path}/echo.sock {echo_host}:{echo_port}\n")
+    assert sshpump_g("-F", str(cfg), "behind")["proxyjump"] == [f"{sshd.user}@{sshd.host}:{sshd.port}"]
+    with Pump(["-v", "-F", str(cfg), "--workers", "0", "behind"], env=clean_env()) as p:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(p.listen[0])
+            s.sendall(b"via the jump host")
+            got = b""
+            while len(got) < len(b"via the jump host"):
+                chunk = s.recv(4096)
+                assert chunk
+                got += chunk
+        assert got == b"via the jump host"
+        assert p.stop() == 0
+        assert f"via jump host {sshd.user}@{sshd.host}:{sshd.port}" in p.stderr()

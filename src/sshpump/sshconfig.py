@@ -84,7 +84,9 @@ def _ssh_g(ssh: str, args: list[str]) -> dict[str, list[str]]:
     except OSError as e:
         raise UsageError(f"cannot run {ssh} -G: {e.strerror}") from None
     if r.returncode != 0:
-        lines = [ln.strip() for ln in r.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        # Debian's ssh also says "Pseudo-terminal will not be allocated ...": not the problem.
+        lines = [ln.strip() for ln in r.stderr.decode(errors="replace").splitlines()
+                 if ln.strip() and not ln.startswith("Pseudo-terminal will not be allocated")]
         said = lines[0] if lines else "no message"
         raise UsageError(f"ssh config: ssh -G failed (exit {r.returncode}): {said}")
     settings: dict[str, list[str]] = {}

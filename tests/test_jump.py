@@ -240,6 +240,22 @@ def test_proxycommand_that_exits_at_once_fails_the_start(sshd, targets):
     assert not [p for p in _nc_children("") if p]
 
 
+def test_proxycommand_that_never_answers_is_bounded_and_ended(sshd, targets):
+    """A command that says nothing: the handshake gives up at ConnectTimeout,
+    and the command is ended, not left behind."""
+    echo = targets.tcp["echo"]
+    seconds = str(60 + os.getpid() % 997)   # tells our sleep from any other
+    t0 = time.monotonic()
+    with pytest.raises(ConnectError) as ei:
+        sshpump.forward(f"{sshd.user}@{sshd.host}", f"0:{echo[0]}:{echo[1]}", port=sshd.port,
+                        identity=sshd.client_key, known_hosts=sshd.known_hosts,
+                        proxy_command=f"sleep {seconds}", connect_timeout=2)
+    assert 1.5 < time.monotonic() - t0 < 8, time.monotonic() - t0
+    assert ei.value.exit_code == 3 and "handshake" in str(ei.value)
+    wait_for(lambda: not [k for k in _children_named(os.getpid(), b"sleep") if _argv(k)[1:2] == [seconds.encode()]],
+             5, what="the silent command ended")
+
+
 def test_proxyjump_and_proxycommand_are_exclusive(sshd, targets):
     echo = targets.tcp["echo"]
     with pytest.raises(UsageError, match="cannot both be set"):
@@ -459,6 +475,14 @@ def test_cli_proxycommand_that_exits_at_once(sshd, targets):
                            "-L", f"0:{echo[0]}:{echo[1]}", dest])
         assert rc == 3, err
         assert err.strip().splitlines() == ["sshpump: ProxyCommand 'false' exited with code 1"], err
+
+
+def _argv(pid) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
 
 
 def _children_named(pid, name: bytes) -> list[int]:

@@ -233,6 +233,21 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, text, said):
     assert err.startswith("sshpump: ssh config: ssh -G failed (exit 255): ") and said in err, err
 
 
+@pytest.mark.parametrize("text,said", [
+    ("Host *\n  IdentityFile /tmp/key-%Z\n", "ssh config: IdentityFile '/tmp/key-%Z': unknown %-token %Z"),
+    ("Host *\n  IdentityFile /tmp/${SSHPUMP_TEST_UNSET}\n", "${SSHPUMP_TEST_UNSET} is not set"),
+    ("Host *\n  ProxyCommand nc %h %Q\n", "unknown token %Q"),
+    ("Host *\n  LocalForward /tmp/" + "%d" * 30 + ".sock h:1\n", "bytes long (at most 107)"),   # once expanded
+])
+def test_config_ssh_takes_but_sshpump_cannot_use_is_one_line(tmp_path, text, said):
+    """ssh -G accepts these (it expands paths later, at connect time)."""
+    cfg = tmp_path / "c"
+    cfg.write_text(text)
+    ssh_g("-F", str(cfg), "h")
+    rc, out, err = sshpump("-F", str(cfg), "-L", "0:h:1", "h")
+    assert rc == 2 and len(err.splitlines()) == 1 and said in err, err
+
+
 def test_bad_f_path_is_one_line_and_exit_2(tmp_path):
     rc, out, err = sshpump("-F", str(tmp_path / "nonesuch"), "-L", "0:h:1", "h")
     assert rc == 2 and err == (f"sshpump: ssh config: ssh -G failed (exit 255): Can't open user config file "

@@ -548,3 +548,24 @@ def test_bench_jump_smoke(tmp_path, sshd):
     for name, row in res.items():
         assert set(row) == {"up", "down", "pgbench_C_c16"}, name
         assert all(cell["value"] > 0 for cell in row.values()), (name, row)
+
+
+def test_cli_proxycommand_dies_with_a_killed_worker(pump, sshd, targets, nc):
+    """A worker killed outright (SIGKILL, as the OOM killer does) takes its
+    ProxyCommand with it (parent death signal); its replacement starts its
+    own. The command here outlives its stream (a shell that sleeps after
+    nc), so only that signal can end it."""
+    echo = targets.tcp["echo"]
+    command = "sh -c 'nc %h %p; exec sleep 300'"
+    p = pump(f"0:{echo[0]}:{echo[1]}", workers=1, extra=["-o", f"ProxyCommand={command}"])
+    p.check_idle = False    # the worker is replaced: its fds are not comparable
+    worker = p.workers()[0]
+    first = _children_named(worker, b"sh")
+    assert len(first) == 1
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: not alive(first[0]), 10, what="the killed worker's ProxyCommand gone")
+    wait_for(lambda: p.workers() and p.workers()[0] != worker
+             and len(_children_named(p.workers()[0], b"sh")) == 1
+             and all(w["up"] for w in p.stats()["tunnels"]["default"]["workers"]), 20,
+             what="a new worker with its own ProxyCommand")
+    _exercise(p.address, "after-kill")

@@ -11,8 +11,10 @@ through a pidfd on the event loop and reaped there; close() ends it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +27,23 @@ log = logging.getLogger("sshpump")
 
 STDERR_LINE_MAX = 4096     # a command that writes no newline still gets logged, in pieces
 TERM_GRACE = 0.2           # seconds between SIGTERM and SIGKILL at close()
+
+
+@functools.lru_cache(maxsize=1)
+def _die_with_us() -> tuple[str, ...]:
+    """A prefix that makes the command get SIGTERM when this process dies,
+    even by SIGKILL (the OOM killer): util-linux's setpriv sets the parent
+    death signal and execs (so the pid stays the command's). In its own
+    process group nothing else would end it, and a silent server would
+    keep it, and the session it holds, for hours. Without setpriv: none."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    try:
+        r = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return (setpriv, "--pdeathsig", "TERM", "--") if "--pdeathsig" in r.stdout else ()
 
 
 def expand_tokens(command: str, opts: Options) -> str:
@@ -70,7 +89,7 @@ class ProxyCommand:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
-                ["/bin/sh", "-c", "exec " + self.command],
+                [*_die_with_us(), "/bin/sh", "-c", "exec " + self.command],
                 stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE,
                 close_fds=True,
                 # Its own process group: a Ctrl-C or ``kill -INT -PGID`` makes

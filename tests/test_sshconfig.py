@@ -84,6 +84,7 @@ def config(tmp_path):
         "  LocalForward 15432 localhost:5432\n"
         "  LocalForward [::1]:15433 [::1]:5433\n"
         f"  LocalForward {tmp_path}/s.sock /run/postgresql/.s.PGSQL.5432\n"
+        f"  LocalForward {tmp_path}/%h-%%.sock [::1]:5434\n"
         "  LocalForward 15434 /run/other.sock\n"
         "  DynamicForward 127.0.0.1:1080\n"
         "  DynamicForward 1081\n"
@@ -201,6 +202,24 @@ def test_every_token_expands_as_ssh_expands_it(config):
         resolved = sshconfig.resolve(SSH, sshconfig.Query(destination=host, config_file=str(config)))
         got = sshtokens.expand_path(template, sshconfig.tokens(resolved, host), "test")
         assert got == want and seen in got   # %n keeps the case typed, %h is ssh's (lowercased)
+
+
+def test_remote_forwards_are_shown_and_warned_of(tmp_path):
+    """This branch has no -R yet: the config's RemoteForward lines are kept
+    as -R specs, shown by -G and named in one warning line, not dropped."""
+    from sshpump import sshconfig, sshtokens
+
+    cfg = tmp_path / "c"
+    cfg.write_text("Host *\n  RemoteForward 9000 localhost:22\n  RemoteForward [::1]:9001 %d/app.sock\n"
+                   "  RemoteForward 9002\n")
+    ssh = ssh_g("-F", str(cfg), "h")
+    assert sshpump_g("-F", str(cfg), "h")["remoteforward"] == ssh["remoteforward"]
+    home = sshtokens.home_dir()   # ssh -G expands the tokens of forward paths itself
+    assert [sshconfig.remote_forward_spec(line) for line in ssh["remoteforward"]] == \
+        ["9000:[localhost]:22", f"[::1]:9001:{home}/app.sock", "9002"]
+    rc, out, err = sshpump("-F", str(cfg), "-L", "0:h:1", "-p", "1", "nobody@127.0.0.1")
+    assert rc == 3 and err.splitlines()[0] == ("sshpump: warning: RemoteForward from the ssh config is not "
+                                               "carried out yet: -R '9000:[localhost]:22' and 2 more"), err
 
 
 def test_f_none_reads_no_file(tmp_path):

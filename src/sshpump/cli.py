@@ -210,7 +210,7 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     if ns.control is not None:
         ns.control = validate.path(ns.control, "--control", max_bytes=validate.UNIX_PATH_MAX)
     opts, batch, to_ssh, own = _from_command_line(ns)
-    config_batch, config_forwards, remote = _read_ssh_config(opts, ns, to_ssh, own)
+    config_batch, config_forwards, (remote, remote_specs) = _read_ssh_config(opts, ns, to_ssh, own)
     for fwd in config_forwards:   # ssh adds a config forward unless the same one is there already
         if not any((f.listen, f.target) == (fwd.listen, fwd.target) for f in opts.forwards):
             opts.forwards.append(fwd)
@@ -222,10 +222,10 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     if not opts.forwards:
         raise UsageError("nothing to forward: give at least one -L or -D (or LocalForward/DynamicForward "
                          "in the ssh config)")
-    if remote:
+    if remote_specs:   # -R is not on this branch yet: said, not silently dropped
+        more = f" and {len(remote_specs) - 1} more" if len(remote_specs) > 1 else ""
         print(f"sshpump: warning: RemoteForward from the ssh config is not carried out yet: "
-              f"{validate.show(remote[0])}{f' and {len(remote) - 1} more' if len(remote) > 1 else ''}",
-              file=sys.stderr)
+              f"-R {validate.show(remote_specs[0])}{more}", file=sys.stderr)
     return opts, ns, batch_mode
 
 
@@ -275,7 +275,7 @@ def _from_command_line(ns) -> tuple[Options, list, list[str], set[str]]:
 def _read_ssh_config(opts: Options, ns, to_ssh: list[str], own: set[str]):
     """The ssh config's settings into opts, as ``ssh -G`` resolves them for
     this command line. Returns (the config's BatchMode or None, its
-    LocalForward/DynamicForward, its RemoteForward lines)."""
+    LocalForward/DynamicForward, (its RemoteForward lines, the same as -R specs))."""
     ssh = sshconfig.find_ssh()
     if ssh is None:
         if ns.ssh_config not in (None, "none"):
@@ -283,7 +283,7 @@ def _read_ssh_config(opts: Options, ns, to_ssh: list[str], own: set[str]):
                              "and sshpump reads ssh config files through `ssh -G`")
         if ns.ssh_config is None:   # with -F none no file was wanted: nothing to warn of
             _warn_ssh_missing()
-        return None, [], []
+        return None, [], ([], [])
     user, _, host = ns.destination.rpartition("@")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     resolved = sshconfig.resolve(ssh, sshconfig.Query(
@@ -293,8 +293,8 @@ def _read_ssh_config(opts: Options, ns, to_ssh: list[str], own: set[str]):
     config_batch = sshconfig.apply(opts, resolved, host, own)
     opts.identities = command_line_identities + opts.identities   # as in ssh: the command line's first
     opts.proxy_jump = sshconfig.resolve_hops(ssh, opts.proxy_jump, ns.ssh_config)
-    config_forwards, remote = sshconfig.config_forwards(resolved, host)
-    return config_batch, config_forwards, remote
+    config_forwards, remote, remote_specs = sshconfig.config_forwards(resolved)
+    return config_batch, config_forwards, (remote, remote_specs)
 
 
 _warned_ssh_missing = False

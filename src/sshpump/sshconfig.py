@@ -10,9 +10,10 @@ What ``ssh -G`` prints needs care (DESIGN.md section 9):
   value the user chose by comparing with ``ssh -G -F none`` (ssh's defaults
   for this ssh version), and sshpump's own defaults are kept for those
   (ConnectTimeout 30 s, ServerAliveInterval 30 s, its cipher order);
-- IdentityFile and unix-socket forward paths come out with ``~`` and
-  %-tokens unexpanded (sshtokens.py expands them as ssh.c does); %C is
-  asked of ssh itself, as its hash differs between ssh versions;
+- IdentityFile comes out with ``~`` and %-tokens unexpanded (sshtokens.py
+  expands them as ssh.c does; %C is asked of ssh itself, as its hash
+  differs between ssh versions); unix-socket forward paths come out with
+  their %-tokens expanded but a leading ``~`` left as written;
 - a LocalForward to a unix path is printed a second time as a phantom
   ``dynamicforward`` line (readconf.c dump_cfg_forwards): dropped here.
 """
@@ -167,15 +168,18 @@ def forward_lines(r: Resolved) -> tuple[list[str], list[str], list[str]]:
     return local, dynamic, list(r.settings.get("remoteforward", []))
 
 
-def _spec_path(text: str, values: dict[str, str]) -> str:
-    # Unix-socket paths take ~ and %-tokens (ssh.c expands them at start).
-    return sshtokens.expand_path(text, values, "forward path") if text.startswith(("/", "~")) else text
+def _spec_path(text: str) -> str:
+    # ssh -G has already expanded the %-tokens of forward paths (expanding
+    # again would turn a "%%" that became "%" into an error); it leaves a
+    # leading ~, which sshpump expands so that a path here is absolute
+    # (only a local one: the server's paths are the server's to read).
+    return sshtokens.tilde(text) if text.startswith("~") else text
 
 
-def local_forward(line: str, values: dict[str, str]):
+def local_forward(line: str):
     listen, _, target = line.partition(" ")
     try:
-        return parse_local_forward(f"{_spec_path(listen, values)}:{_spec_path(target, values)}")
+        return parse_local_forward(f"{_spec_path(listen)}:{target}")   # the target is the server's
     except UsageError as e:
         raise UsageError(f"ssh config LocalForward {validate.show(line)}: {e}") from None
 
@@ -248,13 +252,24 @@ def apply(opts: Options, r: Resolved, host_arg: str, own: set[str]) -> bool | No
     return None if "BatchMode" in own else _yes_no(r, "batchmode")
 
 
-def config_forwards(r: Resolved, host_arg: str) -> tuple[list, list[str]]:
-    """The config's LocalForward and DynamicForward as sshpump forwards, and
-    its RemoteForward lines (as ssh -G prints them)."""
-    values = tokens(r, host_arg)
+def remote_forward_spec(line: str) -> str:
+    """A RemoteForward line as ssh -G prints it ("9000 [localhost]:22",
+    "[::1]:9000 /tmp/app.sock") as an ``-R`` spec ("9000:[localhost]:22").
+    A remote SOCKS forward (``RemoteForward 9001``) is printed with the
+    target "[socks]:0" (no real target has port 0): it becomes "9001"."""
+    listen, _, target = line.partition(" ")
+    if target == "[socks]:0":
+        return listen
+    return f"{listen}:{_spec_path(target)}"   # the listen side is the server's
+
+
+def config_forwards(r: Resolved) -> tuple[list, list[str], list[str]]:
+    """The config's LocalForward and DynamicForward as sshpump forwards, its
+    RemoteForward lines as ssh -G prints them, and the same as -R specs
+    (this branch has no -R yet: cli.py shows them and warns)."""
     local, dynamic, remote = forward_lines(r)
-    forwards = [local_forward(line, values) for line in local] + [dynamic_forward(line) for line in dynamic]
-    return forwards, remote
+    forwards = [local_forward(line) for line in local] + [dynamic_forward(line) for line in dynamic]
+    return forwards, remote, [remote_forward_spec(line) for line in remote]
 
 
 # ---------------------------------------------------------------- -G

@@ -237,3 +237,9 @@ def test_fuzzed_command_line_is_accepted_or_one_usage_line(case):
             assert "\0" not in fwd.listen.path and len(os.fsencode(fwd.listen.path)) <= 107
         (fwd.target.host or fwd.target.path).encode("utf-8")  # as it travels in the SSH protocol
     check_options(opts)  # what the CLI built passes the library's check unchanged
+
+
+@pytest.mark.parametrize("flag", [["-F", "none"], ["-J", "jump"], ["-G"]])
+def test_ssh_config_flags_are_for_a_command_line_tunnel(flag):
+    with pytest.raises(sshpump.UsageError, match="-F, -J and -G are for a command-line tunnel"):
+        parse_command_line(["--config", "/tmp/tunnels.toml", *flag])

@@ -347,6 +347,19 @@ def test_jump_restart_cuts_then_serves_again(behind):
             assert len(_direct_tcpip_lines(jump, behind.target.port)) >= 1   # this run of the jump carried it
 
 
+def test_target_restart_rebuilds_the_chain(behind):
+    """The server behind the jump goes away: its session ends inside the
+    jump's channel; the whole chain is rebuilt and serves again."""
+    before = len(_direct_tcpip_lines(behind.jump, behind.target.port))
+    with sshpump.forward(behind.dest, behind.spec("echo"), reconnect_max=1, **behind.kw()) as t:
+        _exercise(t.local_address, "before-target-restart")
+        behind.target.restart()
+        wait_for(lambda: not _workers_up(t), 10, what="the session seen dead")
+        wait_for(lambda: _workers_up(t), 20, what="the chain rebuilt")
+        _exercise(t.local_address, "after-target-restart")
+    assert len(_direct_tcpip_lines(behind.jump, behind.target.port)) - before == 2
+
+
 def test_dead_hop_keepalives(behind, caplog):
     """A jump host that stops answering (SIGSTOP) is found dead by its own
     keepalives (the reason names it), and the chain is rebuilt when it

@@ -55,7 +55,7 @@ def without_phantoms(ssh: dict) -> list[str]:
     dynamic = list(ssh.get("dynamicforward", []))
     for line in ssh.get("localforward", []):
         listen, target = line.split(" ")
-        if target.startswith("/"):
+        if target.startswith(("/", "~")):
             dynamic.remove(listen)
     return dynamic
 
@@ -220,6 +220,16 @@ def test_remote_forwards_are_shown_and_warned_of(tmp_path):
     rc, out, err = sshpump("-F", str(cfg), "-L", "0:h:1", "-p", "1", "nobody@127.0.0.1")
     assert rc == 3 and err.splitlines()[0] == ("sshpump: warning: RemoteForward from the ssh config is not "
                                                "carried out yet: -R '9000:[localhost]:22' and 2 more"), err
+
+
+def test_phantom_dynamicforward_of_a_tilde_target_is_dropped(tmp_path):
+    """ssh takes "~/x.sock" as a unix path too, and prints its phantom; the
+    remote ~ is not sshpump's to expand: refused, never made a SOCKS proxy."""
+    cfg = tmp_path / "c"
+    cfg.write_text("Host *\n  LocalForward 7007 ~/remote.sock\n")
+    assert ssh_g("-F", str(cfg), "h")["dynamicforward"] == ["7007"]
+    rc, out, err = sshpump("-G", "-F", str(cfg), "h")
+    assert rc == 2 and "ssh config LocalForward '7007 ~/remote.sock'" in err and out == "", err
 
 
 def test_f_none_reads_no_file(tmp_path):

@@ -158,13 +158,15 @@ def forward_lines(r: Resolved) -> tuple[list[str], list[str], list[str]]:
     """(localforward, dynamicforward, remoteforward) lines as ssh -G prints
     them, the phantom dynamicforward lines dropped: dump_cfg_forwards prints
     every LocalForward whose target is a unix path (connect_host NULL) among
-    the dynamic ones too, with the same listen address."""
+    the dynamic ones too, with the same listen address. A TCP target is
+    always printed in brackets ("[db]:5432"); anything else is a path
+    ("/run/x.sock", and "~/x.sock" too: ssh takes any word with a '/')."""
     local = list(r.settings.get("localforward", []))
     dynamic = list(r.settings.get("dynamicforward", []))
     for line in local:
-        parts = line.split(" ")
-        if len(parts) == 2 and parts[1].startswith("/") and parts[0] in dynamic:
-            dynamic.remove(parts[0])
+        listen, _, target = line.partition(" ")
+        if not target.startswith("[") and listen in dynamic:
+            dynamic.remove(listen)
     return local, dynamic, list(r.settings.get("remoteforward", []))
 
 

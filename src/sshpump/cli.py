@@ -21,7 +21,7 @@ USAGE = """sshpump [-gvG] [-L spec]... [-D [bind:]port]... [-p port] [-l login] 
 
 EXIT_CODES = """exit status:
   0  stopped by SIGINT/SIGTERM after draining
-  2  usage error (bad option, malformed forward spec)
+  2  usage error (bad option, malformed forward spec, an ssh config ssh -G refuses)
   3  cannot connect to the SSH server / session failed at start
   4  host key unknown or changed
   5  authentication failed

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import fcntl
 import logging
+import os
 import socket
 import termios
 import time
@@ -139,7 +140,10 @@ class JumpChain:
             finally:
                 stream = None
             self.hops.append(hop)
-            stream = self._carry(hop)
+            try:
+                stream = self._carry(hop)
+            except OSError as e:   # out of fds: a failed attempt, retried
+                raise ConnectError(f"{hop.name}: cannot carry its channel: {e.strerror or e}") from None
             if self.dead:
                 stream.close()
                 raise ConnectError(self.dead)
@@ -150,14 +154,20 @@ class JumpChain:
         """Give the hop's channel to its own pump, with one end of a fresh
         socketpair; return the other end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (ours, theirs):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER)
-        ours.setblocking(False)
-        hop.pump = Pump(hop.session, hop.sock.fileno(), self.opts.bufsize, self.opts.window)
         try:
-            hop.cid = hop.pump.add(ours.detach(), hop.channel)   # the pump owns that fd now
-        except OSError:
+            for s in (ours, theirs):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER)
+            ours.setblocking(False)
+            hop.pump = Pump(hop.session, hop.sock.fileno(), self.opts.bufsize, self.opts.window)
+            fd = ours.detach()
+            try:
+                hop.cid = hop.pump.add(fd, hop.channel)   # the pump owns that fd from here on
+            except OSError:
+                os.close(fd)
+                raise
+        except BaseException:
+            ours.close()
             theirs.close()
             raise
         hop.clock = KeepaliveClock(self.opts.server_alive_interval, self.opts.server_alive_count_max)

@@ -86,7 +86,21 @@ class ProxyCommand:
     @classmethod
     def start(cls, template: str, opts: Options, name: str, on_lost) -> "ProxyCommand":
         self = cls(expand_tokens(template, opts), name, on_lost)
+        try:
+            self._spawn()
+        except BaseException as e:
+            self.close()
+            if self.sock is not None:
+                self.sock.close()
+            if isinstance(e, OSError):   # out of fds or processes: a failed attempt, retried
+                raise ConnectError(f"cannot run ProxyCommand {self.command!r}: {e.strerror or e}") from None
+            raise
+        log.debug("%s: ProxyCommand %r started (pid %d)", name, self.command, self.proc.pid)
+        return self
+
+    def _spawn(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = ours
         try:
             self.proc = subprocess.Popen(
                 [*_die_with_us(), "/bin/sh", "-c", "exec " + self.command],
@@ -97,19 +111,13 @@ class ProxyCommand:
                 # alive until close() ends it.
                 process_group=0,
             )
-        except OSError as e:
-            ours.close()
-            raise ConnectError(f"cannot run ProxyCommand {self.command!r}: {e.strerror or e}") from None
         finally:
             theirs.close()
-        self.sock = ours
         self._stderr = self.proc.stderr
         os.set_blocking(self._stderr.fileno(), False)
         self.loop.add_reader(self._stderr.fileno(), self._read_stderr)
         self._pidfd = os.pidfd_open(self.proc.pid)
         self.loop.add_reader(self._pidfd, self._exited)
-        log.debug("%s: ProxyCommand %r started (pid %d)", name, self.command, self.proc.pid)
-        return self
 
     def _read_stderr(self):
         try:

@@ -167,7 +167,7 @@ def test_hop_specs():
     assert (o.host, o.port, o.user, o.proxy_jump, o.proxy_command) == ("a", 2022, "bob", [], None)
     assert (o.identities, o.known_hosts, o.strict_host_key_checking) == (["/k"], ["/kh"], "accept-new")
     o = hop_options(base, "a")
-    assert (o.port, o.user) == (22, "alice")
+    assert (o.port, o.user) == (22, Options(host="x").user)   # as ssh: the local user, not the destination's
     assert base.proxy_jump == ["a", "b"] and base.host == "db"
 
 

@@ -5,9 +5,9 @@ stdout (proxycommand.py), or a chain of jump hosts (jumpchain.py).
 A jump host is written as ``ssh -J`` writes it: ``[user@]host[:port]``,
 ``[user@][v6addr]:port`` or ``ssh://[user@]host[:port]``. Each hop is
 reached with the destination's settings (identities, known_hosts,
-StrictHostKeyChecking, ConnectTimeout, keepalives, ciphers) unless its spec
-gives its own user or port, as ssh does for a hop with no Host block of its
-own in the config.
+StrictHostKeyChecking, ConnectTimeout, keepalives, ciphers); its user and
+port are its spec's, else the local user and 22, as ssh does for a hop with
+no Host block of its own in the config.
 """
 
 from __future__ import annotations
@@ -55,16 +55,22 @@ def parse_hop(text: str) -> HopSpec:
     return HopSpec(host=host, port=port, user=validate.user(user, what) if user else None)
 
 
+def _local_user() -> str:
+    """Who ssh logs in as when nobody is named: Options' own default."""
+    return next(f for f in dataclasses.fields(Options) if f.name == "user").default_factory()
+
+
 def hop_options(base: Options, hop: str) -> Options:
     """The Options of one jump host: a copy of the destination's, its host,
-    port and user replaced by the hop's (port 22 and the destination's user
-    when the spec has none), with no forwards and no proxy of its own (the
-    chain decides how it is reached)."""
+    port and user replaced by the hop's (as ssh: port 22 and the local user
+    when the spec has none, not the destination's), with no forwards and no
+    proxy of its own (the chain decides how it is reached)."""
     spec = parse_hop(hop)
-    # Where the config helper may later resolve the hop's own settings
-    # (``ssh -G hop``): one call here, on the returned Options.
+    # Where the hop's own settings could be resolved (``ssh -G hop``: its
+    # keys, known_hosts): one call here, on the returned Options. The CLI
+    # already writes each hop's HostName, User and Port out (sshconfig).
     return dataclasses.replace(
-        base, host=spec.host, port=spec.port or 22, user=spec.user or base.user,
+        base, host=spec.host, port=spec.port or 22, user=spec.user or _local_user(),
         forwards=[], proxy_jump=[], proxy_command=None,
         identities=list(base.identities), known_hosts=list(base.known_hosts),
     )

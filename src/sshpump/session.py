@@ -170,7 +170,11 @@ def _tcp_connect(opts: Options) -> socket.socket:
         raise ConnectTimeoutError(f"connection to {opts.host} port {opts.port} timed out") from None
     except OSError as e:
         raise ConnectError(f"connect to {opts.host} port {opts.port}: {e.strerror or e}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 

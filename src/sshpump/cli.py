@@ -9,10 +9,10 @@ from . import validate
 from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import UsageError
 from .options import Options, default_workers
-from .spec import parse_dynamic_forward, parse_local_forward
+from .spec import parse_dynamic_forward, parse_local_forward, parse_remote_forward
 from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options
 
-USAGE = """sshpump [-gv] [-L spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
+USAGE = """sshpump [-gv] [-L spec]... [-R spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
                [-o option=value]... [--workers N] [--control PATH] [--ready-fd FD] [user@]host
        sshpump --config tunnels.toml [--check] [--control PATH] [-v] [--ready-fd FD]
        sshpump ctl PATH {add -L spec|remove ID|list|connections|stats|reload|drain|stop} [--json]"""
@@ -27,13 +27,12 @@ EXIT_CODES = """exit status:
   7  internal error (ssh2-python does not match the C pump)"""
 
 # Options taking a value, read as ssh's getopt reads them (see _getopt_words).
-SHORT_WITH_VALUE = "LDplio"
+SHORT_WITH_VALUE = "LRDplio"
 LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window", "--control",
                    "--config", "--metrics", "--log-format")
 # ssh options a user may try; without this argparse reads `-R spec host`
 # with the spec as the destination.
 NOT_SUPPORTED = {
-    "R": "-R (remote forwarding) is not supported yet: sshpump forwards with -L and -D",
     "J": "-J (ProxyJump) is not supported",
     "W": "-W (stdio forwarding) is not supported",
     "F": "-F is not supported: ssh config files are not read; give options with -o",
@@ -81,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-L", dest="local", action="append", default=[], metavar="spec",
                    help="[bind:]port:host:hostport | [bind:]port:/remote/socket | "
                    "/local/socket:host:hostport | /local/socket:/remote/socket")
+    p.add_argument("-R", dest="remote", action="append", default=[], metavar="spec",
+                   help="[bind:]port:host:hostport | [bind:]port:/local/socket: the server listens "
+                   "(port 0: it chooses, and sshpump prints which) and each connection comes back here")
     p.add_argument("-D", dest="dynamic", action="append", default=[], metavar="[bind:]port",
                    help="a SOCKS (4, 4a, 5) proxy: each connection goes where its client asks, "
                    "names resolved by the server")
@@ -145,7 +147,7 @@ def _getopt_words(argv: list[str]) -> list[str]:
 
 
 # With --config, what belongs to a tunnel is in the file.
-TUNNEL_ONLY = ("local", "dynamic", "port", "login", "identity", "options", "gateway", "workers", "drain_timeout",
+TUNNEL_ONLY = ("local", "remote", "dynamic", "port", "login", "identity", "options", "gateway", "workers", "drain_timeout",
                "client_wait", "window")
 
 
@@ -208,9 +210,10 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     if ns.port is not None:
         opts.port = validate.port(ns.port, "-p")
     opts.identities = [validate.local_file(i, "-i") for i in ns.identity] + opts.identities
-    opts.forwards = [parse_local_forward(s) for s in ns.local] + [parse_dynamic_forward(s) for s in ns.dynamic]
+    opts.forwards = ([parse_local_forward(s) for s in ns.local] + [parse_remote_forward(s) for s in ns.remote]
+                     + [parse_dynamic_forward(s) for s in ns.dynamic])
     if not opts.forwards:
-        raise UsageError("nothing to forward: give at least one -L or -D")
+        raise UsageError("nothing to forward: give at least one -L, -R or -D")
     opts.gateway_ports = opts.gateway_ports or ns.gateway
     opts.verbose = ns.verbose
     opts.workers = (default_workers() if ns.workers is None

@@ -269,6 +269,12 @@ class Runtime:
 
         return await run_command(self, cmd, args)
 
+    def remote_forwards(self) -> list[dict]:
+        """-R forwards: where the server listens for us (the --ready-fd line)."""
+        return [{"tunnel": t.name, "id": fwd.id, "spec": fwd.spec.spec, "bind": fwd.remote["bind"],
+                 "port": fwd.remote["port"], "state": fwd.remote["state"], "target": str(fwd.route.target)}
+                for t in self.tunnels.values() for fwd in t.table if fwd.remote is not None]
+
     def listening(self) -> list[dict]:
         """Every forward's listening addresses (the --ready-fd line)."""
         out = []

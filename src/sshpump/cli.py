@@ -15,7 +15,7 @@ from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options
 USAGE = """sshpump [-gv] [-L spec]... [-R spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
                [-o option=value]... [--workers N] [--control PATH] [--ready-fd FD] [user@]host
        sshpump --config tunnels.toml [--check] [--control PATH] [-v] [--ready-fd FD]
-       sshpump ctl PATH {add -L spec|remove ID|list|connections|stats|reload|drain|stop} [--json]"""
+       sshpump ctl PATH {add -L|-R|-D spec|remove ID|list|connections|stats|reload|drain|stop} [--json]"""
 
 EXIT_CODES = """exit status:
   0  stopped by SIGINT/SIGTERM after draining

@@ -92,6 +92,16 @@ class RemoteSet:
         if ev is not None:
             ev.set()
 
+    async def answer(self, fwd: Forward, timeout: float) -> str:
+        """fwd's state once the server has answered (or timeout passed)."""
+        ev = self._answered.get(fwd.id)
+        if ev is not None:
+            try:
+                await asyncio.wait_for(ev.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return fwd.remote["state"]
+
     async def first_answers(self, timeout: float) -> list[Forward]:
         """Wait (up to timeout) until the server has answered every remote
         forward once; the forwards it refused (or did not answer)."""

@@ -9,7 +9,7 @@ import os
 from . import validate
 from .errors import UsageError
 from .options import DEFAULT_CIPHERS, STRICT_VALUES, Options
-from .spec import parse_dynamic_forward, parse_local_forward
+from .spec import parse_dynamic_forward, parse_local_forward, parse_remote_forward
 
 YES_NO = {"yes": True, "no": False, "true": True, "false": False}
 STRICT_ALIASES = {"true": "yes", "false": "no", "off": "no", "on": "yes"}
@@ -130,10 +130,12 @@ def build_options(
     strict_host_key_checking: str = "yes",
     workers: int = 0,
     dynamic=(),
+    remote=(),
     **options,
 ) -> Options:
     """forward()'s arguments as checked Options (shared with aio.forward).
-    ``dynamic``: -D specs ([bind:]port), SOCKS proxies beside the -L specs."""
+    ``dynamic``: -D specs ([bind:]port), SOCKS proxies beside the -L specs;
+    ``remote``: -R specs."""
     u, _, host = destination.rpartition("@")
     opts = Options(host=host, port=port, workers=workers)
     if u or user:
@@ -147,9 +149,10 @@ def build_options(
         opts.known_hosts = [known_hosts] if isinstance(known_hosts, (str, os.PathLike)) else list(known_hosts)
         opts.known_hosts = [os.path.expanduser(os.fspath(p)) for p in opts.known_hosts]
     opts.strict_host_key_checking = strict_host_key_checking
-    if isinstance(dynamic, str):
-        dynamic = [dynamic]
-    opts.forwards = [parse_local_forward(s) for s in specs] + [parse_dynamic_forward(s) for s in dynamic]
+    dynamic = [dynamic] if isinstance(dynamic, str) else dynamic
+    remote = [remote] if isinstance(remote, str) else remote
+    opts.forwards = ([parse_local_forward(s) for s in specs] + [parse_remote_forward(s) for s in remote]
+                     + [parse_dynamic_forward(s) for s in dynamic])
     for key, value in options.items():
         if key == "forwards" or not hasattr(opts, key):
             raise TypeError(f"forward() got an unknown option {key!r}")

@@ -99,6 +99,10 @@ class Runtime:
             return True
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        if self.fatal is not None:
+            # The stop came from a boot error (a second worker's, while the
+            # first one's was still being handled): that error is the answer.
+            raise self.fatal
         return False
 
     def _tunnel_failed(self, err: SshpumpError):

@@ -10,7 +10,7 @@ from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import UsageError
 from .options import Options, default_workers
 from .spec import parse_dynamic_forward, parse_local_forward, parse_remote_forward
-from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options
+from .sshopts import MAX_SESSIONS_PER_WORKER, MAX_WINDOW, MAX_WORKERS, apply_option, check_options
 
 USAGE = """sshpump [-gv] [-L spec]... [-R spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
                [-o option=value]... [--workers N] [--control PATH] [--ready-fd FD] [user@]host
@@ -28,7 +28,7 @@ EXIT_CODES = """exit status:
 
 # Options taking a value, read as ssh's getopt reads them (see _getopt_words).
 SHORT_WITH_VALUE = "LRDplio"
-LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window", "--control",
+LONG_WITH_VALUE = ("--workers", "--sessions-per-worker", "--ready-fd", "--drain-timeout", "--client-wait", "--window", "--control",
                    "--config", "--metrics", "--log-format")
 # ssh options a user may try; without this argparse reads `-R spec host`
 # with the spec as the destination.
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default=None,
                    help=f"worker processes, each with its own SSH session (default: CPU count, {default_workers()} here); "
                    "0 runs everything in one process")
+    p.add_argument("--sessions-per-worker", default=None, metavar="K",
+                   help="SSH sessions in each worker (default 1): K channel opens in flight per worker, "
+                   "at the price of K sshd processes on the server")
     p.add_argument("--ready-fd", default=None, metavar="FD",
                    help="when ready, write one JSON line (pid, listen addresses) to FD and close it")
     p.add_argument("--drain-timeout", default=None, metavar="SECONDS",
@@ -147,7 +150,7 @@ def _getopt_words(argv: list[str]) -> list[str]:
 
 
 # With --config, what belongs to a tunnel is in the file.
-TUNNEL_ONLY = ("local", "remote", "dynamic", "port", "login", "identity", "options", "gateway", "workers", "drain_timeout",
+TUNNEL_ONLY = ("local", "remote", "dynamic", "port", "login", "identity", "options", "gateway", "workers", "sessions_per_worker", "drain_timeout",
                "client_wait", "window")
 
 
@@ -218,6 +221,9 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     opts.verbose = ns.verbose
     opts.workers = (default_workers() if ns.workers is None
                     else validate.ascii_int(ns.workers, "--workers", 0, MAX_WORKERS))
+    if ns.sessions_per_worker is not None:
+        opts.sessions_per_worker = validate.ascii_int(ns.sessions_per_worker, "--sessions-per-worker", 1,
+                                                      MAX_SESSIONS_PER_WORKER)
     if ns.drain_timeout is not None:
         opts.drain_timeout = validate.decimal_seconds(ns.drain_timeout, "--drain-timeout")
     if ns.client_wait is not None:

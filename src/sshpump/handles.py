@@ -23,7 +23,7 @@ from .logfmt import fields
 from .options import Options
 from .procsetup import HANDLED_SIGNALS, LOG_FORMAT
 from .routes import Route
-from .worker import Worker
+from .sessionpool import make_worker
 
 if TYPE_CHECKING:
     from .obs.counters import TunnelCounters
@@ -62,14 +62,14 @@ class LocalWorker:
     def __init__(self, tunnel: Supervisor, index: int):
         self.tunnel = tunnel
         self.index = index
-        self.worker = Worker(tunnel.opts, name=(tunnel.label or "sshpump: ").rstrip(": "), on_finished=self._finished,
-                             index=index)
+        self.worker = make_worker(tunnel.opts, (tunnel.label or "sshpump: ").rstrip(": "), index,
+                                  on_finished=self._finished)
         self.worker.remotes.on_remote = lambda rid, state, port, reason: tunnel.remote_status(
             self, rid, state, port, reason)
         self.worker.remotes.on_accepted = self._accepted
         self.remote_assigned: dict[str, dict] = {}
         # Its log records name the tunnel and worker, as a worker process's do (logfmt).
-        self.worker.log_context = self.worker.carried.log_context = {"tunnel": tunnel.name, "worker": index}
+        self.worker.log_context = {"tunnel": tunnel.name, "worker": index}
         self.load = 0
         self.label = self.worker.name
         self.pid = os.getpid()

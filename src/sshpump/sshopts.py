@@ -15,6 +15,7 @@ YES_NO = {"yes": True, "no": False, "true": True, "false": False}
 STRICT_ALIASES = {"true": "yes", "false": "no", "off": "no", "on": "yes"}
 MAX_COUNT = 2**31 - 1     # ssh's ServerAliveCountMax limit (INT_MAX)
 MAX_WORKERS = 1024        # a typo such as --workers 10000 must not fork that many processes
+MAX_SESSIONS_PER_WORKER = 64   # each is an sshd process on the server
 MAX_WINDOW = 1 << 30      # OpenSSH ends a session whose peer window would pass 2^32 - 1
 
 # Canonical spelling of every -o option sshpump knows, for messages.
@@ -112,6 +113,7 @@ def check_options(opts: Options) -> Options:
     opts.ciphers = validate.ciphers(opts.ciphers, DEFAULT_CIPHERS)
     validate.number_in(opts.workers, "workers", 0, MAX_WORKERS, integer=True)
     validate.number_in(opts.window, "window", 0, MAX_WINDOW, integer=True)
+    validate.number_in(opts.sessions_per_worker, "sessions_per_worker", 1, MAX_SESSIONS_PER_WORKER, integer=True)
     validate.number_in(opts.drain_timeout, "drain_timeout", 0, validate.MAX_SECONDS)
     validate.number_in(opts.client_wait, "client_wait", 0, validate.MAX_SECONDS)
     return opts

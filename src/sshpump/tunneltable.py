@@ -152,6 +152,7 @@ KEYS = {
     "ciphers": ("ciphers", lambda v: validate.ciphers(read_string(v), DEFAULT_CIPHERS, "ciphers")),
     "workers": ("workers", lambda v: _integer(v, 0, sshopts.MAX_WORKERS)),
     "window": ("window", lambda v: _integer(v, 0, sshopts.MAX_WINDOW)),
+    "sessions_per_worker": ("sessions_per_worker", lambda v: _integer(v, 1, sshopts.MAX_SESSIONS_PER_WORKER)),
     "client_wait": ("client_wait", _seconds),
     "drain_timeout": ("drain_timeout", _seconds),
     "reconnect_max": ("reconnect_max", _reconnect_max),

@@ -160,6 +160,15 @@ class Worker(ChannelOpens):
         self.on_state(False, reason)
         self._schedule_reconnect(reason)
 
+    @property
+    def log_context(self) -> dict | None:
+        """Fields its JSON log records carry (logfmt); its connections' too."""
+        return getattr(self.carried, "log_context", None)
+
+    @log_context.setter
+    def log_context(self, ctx: dict | None):
+        self.carried.log_context = ctx
+
     # ---- connections -------------------------------------------------------
 
     @property

@@ -23,7 +23,7 @@ from . import wire
 from .errors import AuthError, BridgeError, HostKeyError, SshpumpError, error_to_wire
 from .procsetup import HANDLED_SIGNALS, raise_fd_limit, setup_logging
 from .routes import Route
-from .worker import Worker
+from .sessionpool import make_worker
 
 EXIT_BOOT_ERROR = 3  # like gunicorn: the master must not respawn in a loop
 REPORT_INTERVAL = 0.25  # seconds between open reports to the master (when there is news)
@@ -120,8 +120,8 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
         schedule_flush()
 
     report = OpenReport(send)
-    worker = Worker(opts, name=f"{prefix}worker {index}", on_state=on_state, on_finished=on_finished,
-                    on_opened=report.opened, on_resolved=on_resolved, index=index)
+    worker = make_worker(opts, f"{prefix}worker {index}", index, on_state=on_state, on_finished=on_finished,
+                         on_opened=report.opened, on_resolved=on_resolved)
     worker.tally.on_news = schedule_flush
     worker.remotes.on_accepted = on_accepted
     worker.remotes.on_remote = lambda rid, state, port, reason: send("remote", id=rid, state=state, port=port,

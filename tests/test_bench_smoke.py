@@ -63,3 +63,27 @@ def test_bench_smoke(tmp_path):
         if lib["kind"] != lib["expected"]:
             assert any(w.startswith(f"{name} runs on") for w in res["warnings"]), res["warnings"]
     assert res["contenders"]["sshpump (stock libssh2)"]["libssh2"]["kind"] == "stock"
+
+
+def test_bench_kinds_smoke(tmp_path):
+    """``python -m bench.kinds --quick`` (-D / -R vs ssh -D / -R) with tiny sizes: every row, every
+    contender (and the direct reference) produced a number; values are never judged."""
+    if os.geteuid() != 0:
+        pytest.skip("the bench's test bed needs root (sshd)")
+    if not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("openssh-server not installed; run scripts/install-system-deps.sh")
+    r = subprocess.run([sys.executable, "-m", "bench.kinds", "--quick", "--mib", "2", "--curl-mib", "2",
+                        "--count", "32", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    files = glob.glob(str(tmp_path / "*-kinds-quick.json"))
+    assert len(files) == 1 and glob.glob(str(tmp_path / "*-kinds-quick.md")), os.listdir(tmp_path)
+    with open(files[0]) as f:
+        res = json.load(f)
+    assert res["cipher"] == "aes128-gcm@openssh.com" and not res["errors"]
+    assert len(res["rows"]) == 6
+    for row, per in res["rows"].items():
+        assert len(per) == 4, (row, per)
+        for name, samples in per.items():
+            assert samples and all(isinstance(s["value"], float) for s in samples), (row, name, samples)
+            assert name == "direct" or all(s["cpu"] is not None for s in samples), (row, name, samples)

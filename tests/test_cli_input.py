@@ -40,7 +40,10 @@ MET_IN_THE_FIELD = [
     (["-L", "/tmp/" + "s" * 103 + ":h:1"], "is 108 bytes long (at most 107)"),
     (["-L", "127.0.0.1\n:0:h:1"], r"bind address '127.0.0.1\n' contains a space or control character"),
     (["-L", "-1:h:80"], "listen port '-1' is not a number"),
-    (["-R", "0:h:1", "-L", "0:h:1"], "-R (remote forwarding) is not supported"),
+    (["-R", "1080", "-L", "0:h:1"], "remote dynamic forwarding (SOCKS) is not supported"),
+    (["-R", "/tmp/r.sock:h:1"], "a remote unix socket listener (streamlocal-forward) is not supported"),
+    (["-R", "0:h:٣٣٠٦"], "target port '٣٣٠٦' is not a number (ASCII digits only)"),
+    (["-W", "h:1"], "-W (stdio forwarding) is not supported"),
     (["-D", "99999"], "listen port '99999' is out of range"),
     (["-D", "a:b:1080"], "expected [bind:]port"),
     (["-L", "0:h:1", "--workers", "٢"], "--workers '٢' is not a number"),
@@ -62,8 +65,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, said):
 
 
 def test_r_then_spec_then_host_is_not_read_as_a_destination():
-    rc, err = run_cli(["-R", "8080:localhost:80", "somehost"], timeout=30)
-    assert rc == 2 and err.strip() == "sshpump: -R (remote forwarding) is not supported yet: sshpump forwards with -L and -D"
+    rc, err = run_cli(["-R", "8080", "somehost"], timeout=30)
+    assert rc == 2 and err.startswith("sshpump: bad remote forward spec '8080': remote dynamic forwarding"), err
 
 
 def test_a_stray_argument_with_a_newline_stays_on_one_line():

@@ -204,22 +204,28 @@ def test_every_token_expands_as_ssh_expands_it(config):
         assert got == want and seen in got   # %n keeps the case typed, %h is ssh's (lowercased)
 
 
-def test_remote_forwards_are_shown_and_warned_of(tmp_path):
-    """This branch has no -R yet: the config's RemoteForward lines are kept
-    as -R specs, shown by -G and named in one warning line, not dropped."""
+def test_remote_forwards_are_added_to_the_command_line(tmp_path):
+    """The config's RemoteForward lines become -R forwards beside the
+    command line's, shown by -G as ssh shows them; a remote SOCKS forward
+    (which libssh2 cannot do) is one line, exit 2."""
     from sshpump import sshconfig, sshtokens
 
     cfg = tmp_path / "c"
-    cfg.write_text("Host *\n  RemoteForward 9000 localhost:22\n  RemoteForward [::1]:9001 %d/app.sock\n"
-                   "  RemoteForward 9002\n")
+    cfg.write_text("Host *\n  RemoteForward 9000 localhost:22\n  RemoteForward [::1]:9001 %d/app.sock\n")
     ssh = ssh_g("-F", str(cfg), "h")
     assert sshpump_g("-F", str(cfg), "h")["remoteforward"] == ssh["remoteforward"]
     home = sshtokens.home_dir()   # ssh -G expands the tokens of forward paths itself
     assert [sshconfig.remote_forward_spec(line) for line in ssh["remoteforward"]] == \
-        ["9000:[localhost]:22", f"[::1]:9001:{home}/app.sock", "9002"]
-    rc, out, err = sshpump("-F", str(cfg), "-L", "0:h:1", "-p", "1", "nobody@127.0.0.1")
-    assert rc == 3 and err.splitlines()[0] == ("sshpump: warning: RemoteForward from the ssh config is not "
-                                               "carried out yet: -R '9000:[localhost]:22' and 2 more"), err
+        ["9000:[localhost]:22", f"[::1]:9001:{home}/app.sock"]
+    both = sshpump_g("-F", str(cfg), "-R", "9100:db:5432", "h")["remoteforward"]
+    assert both == ["9100 [db]:5432", *ssh["remoteforward"]]
+    rc, out, err = sshpump("-F", str(cfg), "-p", "1", "nobody@127.0.0.1")
+    assert rc == 3 and "RemoteForward" not in err, err   # nothing else to forward: the config's -R is enough
+    cfg.write_text("Host *\n  RemoteForward 9002\n")
+    rc, out, err = sshpump("-F", str(cfg), "-L", "0:h:1", "nobody@127.0.0.1")
+    assert rc == 2 and err.strip().splitlines() == [
+        "sshpump: RemoteForward in the ssh config: bad remote forward spec '9002': remote dynamic forwarding "
+        "(SOCKS) is not supported; expected [bind:]port:host:hostport or [bind:]port:/local/socket"], err
 
 
 def test_phantom_dynamicforward_of_a_tilde_target_is_dropped(tmp_path):

@@ -32,6 +32,8 @@ class Forward:
     spec: str
     target: str
     addresses: tuple        # every listening address: (host, port) tuples or unix paths
+    kind: str = "L"         # "L", "R" or "D"
+    remote_port: int | None = None   # -R: the port the server listens on (None until it has answered)
 
     @property
     def address(self):
@@ -40,8 +42,12 @@ class Forward:
 
     @classmethod
     def from_info(cls, info: dict) -> "Forward":
+        remote = info.get("remote")
+        if remote is not None:
+            return cls(info["id"], info["spec"], info["target"], (), "R",
+                       remote["port"] if remote["state"] == "bound" else None)
         return cls(info["id"], info["spec"], info["target"],
-                   tuple(tuple(a) if isinstance(a, list) else a for a in info["listen"]))
+                   tuple(tuple(a) if isinstance(a, list) else a for a in info["listen"]), info.get("kind", "L"))
 
 
 class AsyncTunnel:
@@ -79,6 +85,11 @@ class AsyncTunnel:
         return [Forward.from_info(i) for i in self._tunnel.forward_list()]
 
     @property
+    def remote_ports(self) -> list:
+        """-R: the ports the server listens on, in -R order (None: not bound now)."""
+        return [f.remote_port for f in self.forwards if f.kind == "R"]
+
+    @property
     def addresses(self) -> list:
         """Every listening address: (host, port) tuples and unix paths, in order."""
         return [a for f in self.forwards for a in f.addresses]
@@ -90,8 +101,16 @@ class AsyncTunnel:
 
     def add(self, spec: str, kind: str = "L") -> Forward:
         """Listen for one more forward now: an -L spec, or with kind="D" a
-        -D [bind:]port (a SOCKS proxy); raises SpecError/ForwardError."""
+        -D [bind:]port (a SOCKS proxy); raises SpecError/ForwardError. With
+        kind="R" the server is asked to listen and the Forward returns at
+        once (remote_port None): ``await add_remote()`` waits for its answer."""
         return Forward.from_info(commands.add(self._runtime, spec, kind=kind))
+
+    async def add_remote(self, spec: str) -> Forward:
+        """-R [bind:]port:host:hostport or [bind:]port:/local/socket, once
+        the server listens (remote_port: the port it bound); ForwardError
+        if it refuses."""
+        return Forward.from_info(await commands.add_settled(self._runtime, spec, kind="R"))
 
     def remove(self, forward) -> None:
         """Stop listening for a forward (a Forward, its id or its spec) at

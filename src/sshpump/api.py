@@ -87,6 +87,11 @@ class Tunnel:
         return self._call(lambda: self._aio.addresses)
 
     @property
+    def remote_ports(self) -> list:
+        """-R: the ports the server listens on, in -R order (None: not bound now)."""
+        return self._call(lambda: self._aio.remote_ports)
+
+    @property
     def local_address(self):
         """The first forward's listening address: (host, port) or a unix path."""
         return self.addresses[0]
@@ -94,7 +99,10 @@ class Tunnel:
     def add(self, spec: str, kind: str = "L") -> Forward:
         """Listen for one more forward now: an -L spec, or with kind="D" a
         -D [bind:]port (a SOCKS proxy); returns the Forward (its id and
-        bound addresses). Raises SpecError or ForwardError."""
+        bound addresses). kind="R": a -R spec; returns once the server
+        listens (Forward.remote_port). Raises SpecError or ForwardError."""
+        if kind == "R":
+            return self._call(self._aio.add_remote, spec)
         return self._call(self._aio.add, spec, kind)
 
     def remove(self, forward) -> None:
@@ -130,7 +138,8 @@ class Tunnel:
 def forward(destination: str, *specs: str, control: str | None = None, **kwargs) -> Tunnel:
     """Start forwards through ``destination`` ("[user@]host") and return the Tunnel.
 
-    ``specs`` are ``-L`` specs exactly as ssh writes them. Keyword arguments:
+    ``specs`` are ``-L`` specs exactly as ssh writes them; ``remote=`` takes
+    -R specs and ``dynamic=`` -D specs. Keyword arguments:
     port, user, identity, password, passphrase, known_hosts,
     strict_host_key_checking, workers, control (a control socket path, as
     --control) and any Options field (connect_timeout, server_alive_interval,

@@ -10,14 +10,15 @@ from . import sshconfig, validate
 from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import UsageError
 from .options import Options, default_workers
-from .spec import parse_dynamic_forward, parse_local_forward
-from .sshopts import MAX_WINDOW, MAX_WORKERS, apply_option, check_options, option_value, parse_jump
+from .spec import parse_dynamic_forward, parse_local_forward, parse_remote_forward
+from .sshopts import (MAX_SESSIONS_PER_WORKER, MAX_WINDOW, MAX_WORKERS, apply_option, check_options, option_value,
+                      parse_jump)
 
-USAGE = """sshpump [-gvG] [-L spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
+USAGE = """sshpump [-gvG] [-L spec]... [-R spec]... [-D [bind:]port]... [-p port] [-l login] [-i identity_file]
                [-F configfile] [-J [user@]host[:port][,...]] [-o option=value]...
                [--workers N] [--control PATH] [--ready-fd FD] [user@]host
        sshpump --config tunnels.toml [--check] [--control PATH] [-v] [--ready-fd FD]
-       sshpump ctl PATH {add -L spec|remove ID|list|connections|stats|reload|drain|stop} [--json]"""
+       sshpump ctl PATH {add -L|-R|-D spec|remove ID|list|connections|stats|reload|drain|stop} [--json]"""
 
 EXIT_CODES = """exit status:
   0  stopped by SIGINT/SIGTERM after draining
@@ -29,13 +30,13 @@ EXIT_CODES = """exit status:
   7  internal error (ssh2-python does not match the C pump)"""
 
 # Options taking a value, read as ssh's getopt reads them (see _getopt_words).
-SHORT_WITH_VALUE = "LDplioFJ"
-LONG_WITH_VALUE = ("--workers", "--ready-fd", "--drain-timeout", "--client-wait", "--window", "--control",
+SHORT_WITH_VALUE = "LRDplioFJ"
+LONG_WITH_VALUE = ("--workers", "--sessions-per-worker", "--ready-fd", "--drain-timeout", "--client-wait", "--window",
+                   "--control",
                    "--config", "--metrics", "--log-format")
 # ssh options a user may try; without this argparse reads `-R spec host`
 # with the spec as the destination.
 NOT_SUPPORTED = {
-    "R": "-R (remote forwarding) is not supported yet: sshpump forwards with -L and -D",
     "W": "-W (stdio forwarding) is not supported",
 }
 # -o options that take part in ssh's own resolution of the config (Host and
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-L", dest="local", action="append", default=[], metavar="spec",
                    help="[bind:]port:host:hostport | [bind:]port:/remote/socket | "
                    "/local/socket:host:hostport | /local/socket:/remote/socket")
+    p.add_argument("-R", dest="remote", action="append", default=[], metavar="spec",
+                   help="[bind:]port:host:hostport | [bind:]port:/local/socket: the server listens "
+                   "(port 0: it chooses, and sshpump prints which) and each connection comes back here")
     p.add_argument("-D", dest="dynamic", action="append", default=[], metavar="[bind:]port",
                    help="a SOCKS (4, 4a, 5) proxy: each connection goes where its client asks, "
                    "names resolved by the server")
@@ -106,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default=None,
                    help=f"worker processes, each with its own SSH session (default: CPU count, {default_workers()} here); "
                    "0 runs everything in one process")
+    p.add_argument("--sessions-per-worker", default=None, metavar="K",
+                   help="SSH sessions in each worker (default 1): K channel opens in flight per worker, "
+                   "at the price of K sshd processes on the server")
     p.add_argument("--ready-fd", default=None, metavar="FD",
                    help="when ready, write one JSON line (pid, listen addresses) to FD and close it")
     p.add_argument("--drain-timeout", default=None, metavar="SECONDS",
@@ -156,8 +163,8 @@ def _getopt_words(argv: list[str]) -> list[str]:
 
 
 # With --config, what belongs to a tunnel is in the file.
-TUNNEL_ONLY = ("local", "dynamic", "port", "login", "identity", "options", "gateway", "workers", "drain_timeout",
-               "client_wait", "window", "ssh_config", "jump", "print_config")
+TUNNEL_ONLY = ("local", "remote", "dynamic", "port", "login", "identity", "options", "gateway", "workers",
+               "sessions_per_worker", "drain_timeout", "client_wait", "window", "ssh_config", "jump", "print_config")
 
 
 def _check_config_mode(ns):
@@ -210,23 +217,28 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
     if ns.control is not None:
         ns.control = validate.path(ns.control, "--control", max_bytes=validate.UNIX_PATH_MAX)
     opts, batch, to_ssh, own = _from_command_line(ns)
-    config_batch, config_forwards, (remote, remote_specs) = _read_ssh_config(opts, ns, to_ssh, own)
+    config_batch, config_forwards, (_remote, remote_specs) = _read_ssh_config(opts, ns, to_ssh, own)
+    config_forwards += [_config_remote(spec) for spec in remote_specs]
     for fwd in config_forwards:   # ssh adds a config forward unless the same one is there already
-        if not any((f.listen, f.target) == (fwd.listen, fwd.target) for f in opts.forwards):
+        if not any((type(f), f.listen, f.target) == (type(fwd), fwd.listen, fwd.target) for f in opts.forwards):
             opts.forwards.append(fwd)
     batch_mode = bool(batch[-1]) if batch else bool(config_batch)
     check_options(opts)
     if ns.print_config:
-        print(sshconfig.describe(opts, batch_mode, remote))
+        print(sshconfig.describe(opts, batch_mode))
         raise SystemExit(0)
     if not opts.forwards:
-        raise UsageError("nothing to forward: give at least one -L or -D (or LocalForward/DynamicForward "
-                         "in the ssh config)")
-    if remote_specs:   # -R is not on this branch yet: said, not silently dropped
-        more = f" and {len(remote_specs) - 1} more" if len(remote_specs) > 1 else ""
-        print(f"sshpump: warning: RemoteForward from the ssh config is not carried out yet: "
-              f"-R {validate.show(remote_specs[0])}{more}", file=sys.stderr)
+        raise UsageError("nothing to forward: give at least one -L, -R or -D (or LocalForward, RemoteForward "
+                         "or DynamicForward in the ssh config)")
     return opts, ns, batch_mode
+
+
+def _config_remote(spec: str):
+    """A config RemoteForward (as an -R spec); its errors name where it came from."""
+    try:
+        return parse_remote_forward(spec)
+    except UsageError as e:
+        raise UsageError(f"RemoteForward in the ssh config: {e}") from None
 
 
 def _from_command_line(ns) -> tuple[Options, list, list[str], set[str]]:
@@ -256,13 +268,17 @@ def _from_command_line(ns) -> tuple[Options, list, list[str], set[str]]:
         opts.proxy_jump = parse_jump(ns.jump, "-J")
     if ns.ssh_config is not None:
         validate.path(ns.ssh_config, "-F")
-    opts.forwards = [parse_local_forward(s) for s in ns.local] + [parse_dynamic_forward(s) for s in ns.dynamic]
+    opts.forwards = ([parse_local_forward(s) for s in ns.local] + [parse_remote_forward(s) for s in ns.remote]
+                     + [parse_dynamic_forward(s) for s in ns.dynamic])
     if ns.gateway:   # -g is -o GatewayPorts=yes
         opts.gateway_ports = True
         own.add("GatewayPorts")
     opts.verbose = ns.verbose
     opts.workers = (default_workers() if ns.workers is None
                     else validate.ascii_int(ns.workers, "--workers", 0, MAX_WORKERS))
+    if ns.sessions_per_worker is not None:
+        opts.sessions_per_worker = validate.ascii_int(ns.sessions_per_worker, "--sessions-per-worker", 1,
+                                                      MAX_SESSIONS_PER_WORKER)
     if ns.drain_timeout is not None:
         opts.drain_timeout = validate.decimal_seconds(ns.drain_timeout, "--drain-timeout")
     if ns.client_wait is not None:

@@ -10,8 +10,8 @@ import asyncio
 import os
 import time
 
-from .errors import UsageError
-from .spec import parse_dynamic_forward, parse_local_forward
+from .errors import ForwardError, UsageError
+from .spec import parse_dynamic_forward, parse_local_forward, parse_remote_forward
 
 
 def pick_tunnel(rt, name):
@@ -24,16 +24,35 @@ def pick_tunnel(rt, name):
     return next(iter(rt.tunnels.values()))
 
 
-PARSERS = {"L": parse_local_forward, "D": parse_dynamic_forward}
+PARSERS = {"L": parse_local_forward, "R": parse_remote_forward, "D": parse_dynamic_forward}
+REMOTE_ANSWER_TIMEOUT = 15.0   # how long `add -R` waits for the server's answer
 
 
 def add(rt, spec: str, tunnel: str | None = None, kind: str | None = None) -> dict:
-    """kind: "L" (the default) or "D", as ssh's -L and -D."""
+    """kind: "L" (the default), "R" or "D", as ssh's -L, -R and -D. A remote
+    forward is returned as asked, before the server has answered."""
     parse = PARSERS.get(kind or "L")
     if parse is None:
-        raise UsageError(f"forward kind {kind!r} is not L or D")
+        raise UsageError(f"forward kind {kind!r} is not L, R or D")
     t = pick_tunnel(rt, tunnel)
     fwd = t.add(parse(spec))
+    return fwd.info(t.name)
+
+
+async def add_settled(rt, spec: str, tunnel: str | None = None, kind: str | None = None) -> dict:
+    """add(), and for -R the server's answer too: the port it bound, or
+    ForwardError (and the forward is dropped) when it refuses, as
+    ``ssh -O forward`` fails."""
+    info = add(rt, spec, tunnel, kind)
+    if info.get("kind") != "R":
+        return info
+    t = pick_tunnel(rt, info["tunnel"])
+    fwd = t.table.by_id[info["id"]]
+    state = await t.remotes.answer(fwd, REMOTE_ANSWER_TIMEOUT)
+    if state != "bound":
+        t.remove(fwd.id)
+        why = "no answer from the server" if state == "pending" else "refused by the server"
+        raise ForwardError(f"remote port forwarding failed for listen port {fwd.remote['asked']} ({why})")
     return fwd.info(t.name)
 
 
@@ -87,7 +106,7 @@ async def run_command(rt, cmd: str, args: dict):
     if cmd == "ping":
         return {"pid": os.getpid()}
     if cmd == "add":
-        return add(rt, _text(args, "spec"), args.get("tunnel"), args.get("kind"))
+        return await add_settled(rt, _text(args, "spec"), args.get("tunnel"), args.get("kind"))
     if cmd == "remove":
         return remove(rt, _text(args, "forward"), args.get("tunnel"))
     if cmd == "list":

@@ -14,7 +14,7 @@ from .errors import UsageError  # noqa: I001
 from .listeners import close_listener, listener_address, open_listeners
 from .routes import Route
 from .errors import SpecError
-from .spec import LocalForward, parse_dynamic_forward, parse_local_forward
+from .spec import LocalForward, RemoteForward, parse_dynamic_forward, parse_local_forward, parse_remote_forward
 
 _ids = itertools.count(1)
 
@@ -27,15 +27,27 @@ class Forward:
     sockets: list[socket.socket] = field(default_factory=list)
     accepted: int = 0
     active: int = 0
+    # -R: the server listens, not us. Which worker asked it, and its answer
+    # ("pending", "bound" with the port it bound, "refused": retried).
+    remote: dict | None = None
+
+    @property
+    def kind(self) -> str:
+        return "R" if self.remote is not None else ("D" if self.spec.target is None else "L")
 
     @property
     def addresses(self) -> list:
         return [listener_address(s) for s in self.sockets]
 
     def info(self, tunnel: str) -> dict:
-        return {"id": self.id, "tunnel": tunnel, "spec": self.spec.spec,
-                "listen": [list(a) if isinstance(a, tuple) else a for a in self.addresses],
-                "target": str(self.route), "active": self.active, "accepted": self.accepted}
+        listen = [list(a) if isinstance(a, tuple) else a for a in self.addresses]
+        if self.remote is not None:
+            r = self.remote
+            host = f"[{r['bind']}]" if ":" in r["bind"] else (r["bind"] or "*")
+            listen = [f"remote {host}:{r['port']}" + ("" if r["state"] == "bound" else f" ({r['state']})")]
+        return {"id": self.id, "tunnel": tunnel, "spec": self.spec.spec, "kind": self.kind,
+                "listen": listen, "target": str(self.route), "active": self.active, "accepted": self.accepted,
+                **({"remote": dict(self.remote)} if self.remote is not None else {})}
 
 
 class ForwardTable:
@@ -51,9 +63,16 @@ class ForwardTable:
         return len(self.by_id)
 
     def open(self, spec: LocalForward, gateway_ports: bool) -> Forward:
-        """Listen for spec (raises ForwardError) and register it."""
-        sockets = open_listeners(spec, gateway_ports)
+        """Listen for spec (raises ForwardError) and register it. A remote
+        forward only gets its id and route here: a worker asks the server."""
         fid = f"f{next(_ids)}"
+        if isinstance(spec, RemoteForward):
+            fwd = Forward(fid, spec, Route.for_remote(fid, spec.target),
+                          remote={"bind": spec.bind_address, "port": spec.listen.port, "asked": spec.listen.port,
+                                  "state": "pending", "worker": None, "reason": ""})
+            self.by_id[fid] = fwd
+            return fwd
+        sockets = open_listeners(spec, gateway_ports)
         fwd = Forward(fid, spec, Route.for_target(fid, spec.target), sockets)
         self.by_id[fid] = fwd
         return fwd
@@ -63,17 +82,15 @@ class ForwardTable:
         if ref in self.by_id:
             return self.by_id[ref]
         matches = [f for f in self.by_id.values() if f.spec.spec == ref]
-        if not matches:
-            parsed = None
-            for parse in (parse_local_forward, parse_dynamic_forward):
-                try:
-                    parsed = parse(ref)
-                    break
-                except SpecError:
-                    continue
-            if parsed is not None:
-                matches = [f for f in self.by_id.values()
-                           if (f.spec.listen, f.spec.target) == (parsed.listen, parsed.target)]
+        for parse in (parse_local_forward, parse_dynamic_forward, parse_remote_forward):
+            if matches:
+                break
+            try:
+                parsed = parse(ref)
+            except SpecError:
+                continue
+            matches = [f for f in self.by_id.values()
+                       if (type(f.spec), f.spec.listen, f.spec.target) == (type(parsed), parsed.listen, parsed.target)]
         if not matches:
             raise UsageError(f"no forward {ref!r}")
         return matches[0]

@@ -22,7 +22,8 @@ from .errors import SshpumpError, WorkerError, error_from_wire
 from .logfmt import fields
 from .options import Options
 from .procsetup import HANDLED_SIGNALS, LOG_FORMAT
-from .worker import Worker
+from .routes import Route
+from .sessionpool import make_worker
 
 if TYPE_CHECKING:
     from .obs.counters import TunnelCounters
@@ -50,6 +51,10 @@ class Supervisor(Protocol):
 
     def boot_failed(self, worker, error: SshpumpError) -> None: ...
 
+    def accepted(self, taken: dict[str, int]) -> None: ...
+
+    def remote_status(self, worker, route_id: str, state: str, port: int, reason: str) -> None: ...
+
 
 class LocalWorker:
     """A Worker in this process, behind the same interface as WorkerProcess."""
@@ -57,9 +62,14 @@ class LocalWorker:
     def __init__(self, tunnel: Supervisor, index: int):
         self.tunnel = tunnel
         self.index = index
-        self.worker = Worker(tunnel.opts, name=(tunnel.label or "sshpump: ").rstrip(": "), on_finished=self._finished)
+        self.worker = make_worker(tunnel.opts, (tunnel.label or "sshpump: ").rstrip(": "), index,
+                                  on_finished=self._finished)
+        self.worker.remotes.on_remote = lambda rid, state, port, reason: tunnel.remote_status(
+            self, rid, state, port, reason)
+        self.worker.remotes.on_accepted = self._accepted
+        self.remote_assigned: dict[str, dict] = {}
         # Its log records name the tunnel and worker, as a worker process's do (logfmt).
-        self.worker.log_context = self.worker.carried.log_context = {"tunnel": tunnel.name, "worker": index}
+        self.worker.log_context = {"tunnel": tunnel.name, "worker": index}
         self.load = 0
         self.label = self.worker.name
         self.pid = os.getpid()
@@ -98,6 +108,18 @@ class LocalWorker:
     def _finished(self, route_id):
         self.load -= 1
         self.tunnel.finished({route_id: 1})
+
+    def _accepted(self, route_id):
+        self.load += 1
+        self.tunnel.accepted({route_id: 1})
+
+    def assign_remote(self, route_id: str, payload: dict):
+        self.remote_assigned[route_id] = payload
+        self.worker.remotes.assign(Route.from_wire(payload["route"]), payload["bind"], payload["port"])
+
+    def withdraw_remote(self, route_id: str):
+        self.remote_assigned.pop(route_id, None)
+        self.worker.remotes.withdraw(route_id)
 
     async def start(self):
         await self.worker.start()  # raises on failure: fail fast like ssh
@@ -139,6 +161,8 @@ class WorkerProcess:
         self.buffered = 0       # bytes in its pump, as last reported
         self._queries: dict[int, tuple[asyncio.Future, list]] = {}
         self._query_ids = itertools.count(1)
+        # -R forwards this worker holds; sent again to the process that replaces it.
+        self.remote_assigned: dict[str, dict] = {}
 
     @property
     def pid(self):
@@ -168,6 +192,8 @@ class WorkerProcess:
                                   "tunnel": self.tunnel.name, "log_format": LOG_FORMAT["format"]})
         parent.setblocking(False)
         self.ctrl = parent
+        for rid, payload in self.remote_assigned.items():
+            self._send("remote", id=rid, add=True, **payload)
         self.load = 0
         self.up = False
         self.draining = False
@@ -202,7 +228,22 @@ class WorkerProcess:
             if kind in ("up", "down", "fatal") and self.first_status is not None and not self.first_status.done():
                 self.first_status.set_result(msg)
 
+    def assign_remote(self, route_id: str, payload: dict):
+        self.remote_assigned[route_id] = payload
+        self._send("remote", id=route_id, add=True, **payload)
+
+    def withdraw_remote(self, route_id: str):
+        if self.remote_assigned.pop(route_id, None) is not None:
+            self._send("remote", id=route_id, add=False)
+
+    def _on_remote(self, msg):
+        self.tunnel.remote_status(self, msg["id"], msg["state"], msg["port"], msg.get("reason", ""))
+
     def _on_counts(self, msg):
+        taken = msg.get("accepted")
+        if taken:
+            self.load += sum(taken.values())
+            self.tunnel.accepted(taken)
         done = msg["done"]
         self.load -= sum(done.values())
         self.opens.resolved(msg["resolved"])

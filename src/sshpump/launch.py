@@ -18,6 +18,7 @@ from .envsecrets import PASSPHRASE_ENV, PASSWORD_ENV
 from .errors import AuthError, SshpumpError, UsageError
 from .logfmt import fields
 from .procsetup import raise_fd_limit, setup_logging
+from .remoteset import allocated_text
 from .runtime import Runtime
 
 log = logging.getLogger("sshpump")
@@ -51,6 +52,15 @@ def _address_text(addr) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
+def _announce_remote(fwd, where: str):
+    """ssh prints the port the server chose for -R with port 0, whatever
+    the verbosity; so do we (and --ready-fd carries it)."""
+    if fwd.remote["state"] == "bound" and fwd.remote["asked"] == 0:
+        print(one_line(f"{where}{allocated_text(fwd)}"), file=sys.stderr, flush=True)
+    log.info("%sremote forward %s: %s", where, fwd.id, fwd.info("")["listen"][0],
+             extra=fields("listening", forward=fwd.id))
+
+
 async def _run(tunnels, ns, file_config=None) -> int:
     rt = Runtime(control_path=ns.control, config_path=ns.config)
     rt.file_config = file_config
@@ -71,6 +81,10 @@ async def _run(tunnels, ns, file_config=None) -> int:
                  entry["spec"], entry["id"],
                  extra=fields("listening", tunnel=entry["tunnel"], forward=entry["id"],
                               address=_address_text(entry["address"])))
+    remote = rt.remote_forwards()
+    for entry in remote:
+        _announce_remote(rt.tunnels[entry["tunnel"]].table.by_id[entry["id"]],
+                         f"tunnel {entry['tunnel']}: " if ns.config else "")
     workers = sum(t.opts.workers for t in rt.tunnels.values())
     log.info("ready (pid %d, %d tunnels, %d workers%s)", os.getpid(), len(rt.tunnels), workers,
              f", control socket {ns.control}" if ns.control else "", extra=fields("ready"))
@@ -83,7 +97,7 @@ async def _run(tunnels, ns, file_config=None) -> int:
         await rt.serve()
         raise
     if ns.ready_fd is not None:
-        line = json.dumps({"ready": True, "pid": os.getpid(), "control": ns.control, "listen": listening,
+        line = json.dumps({"ready": True, "pid": os.getpid(), "control": ns.control, "listen": listening, "remote": remote,
                            **({"metrics": metrics.address} if metrics else {})})
         try:
             os.write(ns.ready_fd, (line + "\n").encode())

@@ -19,7 +19,7 @@ import os
 from . import validate
 from .errors import UsageError
 from .options import Options
-from .spec import LocalForward
+from .spec import LocalForward, RemoteForward
 
 
 def _bind_set(host: str | None, gateway_ports: bool) -> set[tuple[str, str]]:
@@ -80,6 +80,8 @@ def check_listen_clashes(tunnels: dict[str, Options], control: str | None) -> No
     seen = []   # (tunnel name, index, forward, listen key)
     for tunnel_name, opts in tunnels.items():
         for i, fwd in enumerate(opts.forwards):
+            if isinstance(fwd, RemoteForward):
+                continue   # the server listens for it, not this machine
             key = _listen_key(fwd, opts.gateway_ports)
             for name, j, other, okey in seen:
                 if name == tunnel_name and (other.listen, other.target) == (fwd.listen, fwd.target):

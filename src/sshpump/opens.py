@@ -142,31 +142,39 @@ class ChannelOpens:
             self.on_opened(client.opened_at - client.queued_at)
             if client.route.socks:
                 grant(client)
-            fd = client.sock.detach()  # the pump owns the fd now
-            try:
-                cid = self.pump.add(fd, ch)
-            except OSError as e:
-                reset_close(socket.socket(fileno=fd))
-                log.warning("%s: cannot carry client %s: %s", self.name, peer_text(client.peer), e,
-                            extra=fields("client_dropped", self, forward=client.route.id, conn=client.conn,
-                                         peer=peer_text(client.peer), target=str(target), reason=str(e)))
-                self.on_finished(client.route.id)
-                continue
-            self.carried.add(cid, client)
-            self.tally.opened(client.route.id, max(0.0, client.opened_at - (client.accepted or client.queued_at)))
-            opened += 1
-            if self.opts.verbose:
-                log.info(
-                    "%s: conn %d open %s -> %s (%.1f ms after accept)",
-                    self.name, client.conn, peer_text(client.peer), target,
-                    (client.opened_at - client.queued_at) * 1000,
-                    extra=fields("conn_open", self, forward=client.route.id, conn=client.conn,
-                                 peer=peer_text(client.peer), target=str(target),
-                                 duration=round(client.opened_at - client.queued_at, 6)),
-                )
+            if self.carry(client):
+                opened += 1
         if self.pump is not None:
             self.pump.want_in(False)
         return opened
+
+    def carry(self, client: Client) -> bool:
+        """Hand a client whose channel is open (client.channel) to the pump."""
+        target = client.route.target
+        fd = client.sock.detach()  # the pump owns the fd now
+        try:
+            cid = self.pump.add(fd, client.channel)
+        except OSError as e:
+            reset_close(socket.socket(fileno=fd))
+            log.warning("%s: cannot carry client %s: %s", self.name, peer_text(client.peer), e,
+                        extra=fields("client_dropped", self, forward=client.route.id, conn=client.conn,
+                                     peer=peer_text(client.peer), target=str(target), reason=str(e)))
+            self.on_finished(client.route.id)
+            return False
+        self.carried.add(cid, client)
+        if not client.opened_at:
+            client.opened_at = time.monotonic()
+        self.tally.opened(client.route.id, max(0.0, client.opened_at - (client.accepted or client.queued_at)))
+        if self.opts.verbose:
+            log.info(
+                "%s: conn %d open %s -> %s (%.1f ms after accept)",
+                self.name, client.conn, peer_text(client.peer), target,
+                (client.opened_at - client.queued_at) * 1000,
+                extra=fields("conn_open", self, forward=client.route.id, conn=client.conn,
+                             peer=peer_text(client.peer), target=str(target),
+                             duration=round(client.opened_at - client.queued_at, 6)),
+            )
+        return True
 
     def _expire_pending(self):
         """Clients waiting for a session that is down give up after client_wait."""

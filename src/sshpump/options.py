@@ -45,6 +45,7 @@ class Options:
     gateway_ports: bool = False
     ciphers: str = DEFAULT_CIPHERS
     workers: int = 0
+    sessions_per_worker: int = 1  # SSH sessions in each worker (sessionpool.py)
     window: int = 0
     bufsize: int = 131072
     client_wait: float = 10.0     # how long a client waits for a live session

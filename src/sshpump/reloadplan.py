@@ -60,8 +60,9 @@ def session_key(opts: Options) -> tuple:
 
 
 def forward_key(fwd: LocalForward) -> tuple:
-    """A forward by what it does: the spec text is left out."""
-    return (fwd.listen, fwd.target)
+    """A forward by what it does (its kind: -L, -R, -D; where it listens;
+    its target): the spec text is left out."""
+    return (type(fwd).__name__, fwd.listen, fwd.target)
 
 
 def _hashable(value):

@@ -13,6 +13,7 @@ from .spec import Endpoint
 
 DIRECT_TCPIP = "direct-tcpip"                            # -L host:port
 DIRECT_STREAMLOCAL = "direct-streamlocal@openssh.com"    # -L /remote/socket
+FORWARDED_TCPIP = "forwarded-tcpip"                      # -R: the server opens, we connect to target
 SOCKS = "socks"    # -D: a forward whose connections each get their own direct-tcpip route
 
 
@@ -29,6 +30,10 @@ class Route:
             return cls(forward_id, SOCKS, None)
         return cls(forward_id, DIRECT_STREAMLOCAL if target.is_unix else DIRECT_TCPIP, target)
 
+    @classmethod
+    def for_remote(cls, forward_id: str, target: Endpoint) -> "Route":
+        return cls(forward_id, FORWARDED_TCPIP, target)
+
     def for_socks_request(self, host: str, port: int, version: int) -> "Route":
         """One SOCKS connection's route: to what its client asked for."""
         return Route(self.id, DIRECT_TCPIP, Endpoint(host=host, port=port), version)
@@ -40,7 +45,7 @@ class Route:
     @classmethod
     def from_wire(cls, data) -> "Route":
         rid, kind, where, version = data
-        if kind not in (DIRECT_TCPIP, DIRECT_STREAMLOCAL):
+        if kind not in (DIRECT_TCPIP, DIRECT_STREAMLOCAL, FORWARDED_TCPIP):
             raise ValueError(f"unknown route kind {kind!r}")
         target = Endpoint(path=where) if isinstance(where, str) else Endpoint(host=where[0], port=int(where[1]))
         return cls(str(rid), kind, target, int(version))

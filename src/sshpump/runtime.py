@@ -99,6 +99,10 @@ class Runtime:
             return True
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        if self.fatal is not None:
+            # The stop came from a boot error (a second worker's, while the
+            # first one's was still being handled): that error is the answer.
+            raise self.fatal
         return False
 
     def _tunnel_failed(self, err: SshpumpError):
@@ -268,6 +272,12 @@ class Runtime:
         from .commands import run_command
 
         return await run_command(self, cmd, args)
+
+    def remote_forwards(self) -> list[dict]:
+        """-R forwards: where the server listens for us (the --ready-fd line)."""
+        return [{"tunnel": t.name, "id": fwd.id, "spec": fwd.spec.spec, "bind": fwd.remote["bind"],
+                 "port": fwd.remote["port"], "state": fwd.remote["state"], "target": str(fwd.route.target)}
+                for t in self.tunnels.values() for fwd in t.table if fwd.remote is not None]
 
     def listening(self) -> list[dict]:
         """Every forward's listening addresses (the --ready-fd line)."""

@@ -56,6 +56,26 @@ class DynamicForward:
         return f"{self.listen} -> SOCKS"
 
 
+@dataclass(frozen=True)
+class RemoteForward:
+    """``-R``: the server listens on ``listen`` (its address: ``host`` None
+    when no bind address was given, sent as "localhost" as ssh sends it; ""
+    for every interface) and each connection it forwards is connected from
+    here to ``target``, a TCP address or a local unix socket."""
+
+    listen: Endpoint
+    target: Endpoint
+    spec: str
+
+    @property
+    def bind_address(self) -> str:
+        """What the tcpip-forward request names, as ssh(1) sends it."""
+        return "localhost" if self.listen.host is None else self.listen.host
+
+    def __str__(self) -> str:
+        return f"remote {self.listen} -> {self.target}"
+
+
 def _split(spec: str) -> list[str]:
     """Split on ':' outside square brackets, dropping the brackets."""
     parts, cur, depth = [], [], 0
@@ -145,3 +165,40 @@ def parse_dynamic_forward(spec: str) -> DynamicForward:
         raise SpecError(f"bad dynamic forward spec {validate.show(spec)}: expected [bind:]port")
     port_no = _checked(spec, validate.port, parts[-1], "listen port", allow_zero=True)
     return DynamicForward(listen=Endpoint(host=bind, port=port_no), spec=spec)
+
+
+def parse_remote_forward(spec: str) -> RemoteForward:
+    """Parse one ``-R`` argument, as ssh(1) does: ``[bind:]port:host:hostport``
+    or ``[bind:]port:/local/socket``; IPv6 addresses in square brackets; port 0
+    lets the server choose. (The server cannot listen on a unix socket for us:
+    libssh2 has no streamlocal-forward; a remote SOCKS ``-R [bind:]port`` is
+    not supported.)"""
+    if not isinstance(spec, str):
+        raise SpecError(f"bad remote forward spec {spec!r}: not a string")
+    if not spec or not spec.strip():
+        raise SpecError("bad remote forward spec '': empty")
+    parts = _split(spec)
+    if parts[0].startswith("/"):
+        raise SpecError(f"bad remote forward spec {validate.show(spec)}: a remote unix socket listener "
+                        "(streamlocal-forward) is not supported; give [bind:]port")
+    if len(parts) <= 2 and not (len(parts) == 2 and parts[1].startswith("/")):
+        raise SpecError(f"bad remote forward spec {validate.show(spec)}: remote dynamic forwarding (SOCKS) "
+                        "is not supported; expected [bind:]port:host:hostport or [bind:]port:/local/socket")
+    if len(parts) >= 4 or (len(parts) == 3 and parts[2].startswith("/")):
+        bind, port, rest = parts[0], parts[1], parts[2:]
+        bind = "" if bind == "*" else bind
+        if bind:
+            _checked(spec, validate.host, bind, "bind address", resolved_here=False)
+    else:
+        bind, port, rest = None, parts[0], parts[1:]
+    listen = Endpoint(host=bind, port=_checked(spec, validate.port, port, "remote listen port", allow_zero=True))
+    if len(rest) == 1 and rest[0].startswith("/"):
+        target = Endpoint(path=_checked(spec, validate.path, rest[0], "local socket path",
+                                        max_bytes=validate.UNIX_PATH_MAX))
+    elif len(rest) == 2:
+        host = _checked(spec, validate.host, rest[0], "target host", resolved_here=True)
+        target = Endpoint(host=host, port=_checked(spec, validate.port, rest[1], "target port"))
+    else:
+        raise SpecError(f"bad remote forward spec {validate.show(spec)}: expected [bind:]port:host:hostport "
+                        "or [bind:]port:/local/socket")
+    return RemoteForward(listen=listen, target=target, spec=spec)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from . import sshtokens, validate
 from .errors import UsageError
 from .options import Options
-from .spec import parse_dynamic_forward, parse_local_forward
+from .spec import RemoteForward, parse_dynamic_forward, parse_local_forward
 from .sshopts import parse_jump
 
 SSH_MISSING = "ssh not found: ~/.ssh/config is not read; using the command line alone"
@@ -268,7 +268,7 @@ def remote_forward_spec(line: str) -> str:
 def config_forwards(r: Resolved) -> tuple[list, list[str], list[str]]:
     """The config's LocalForward and DynamicForward as sshpump forwards, its
     RemoteForward lines as ssh -G prints them, and the same as -R specs
-    (this branch has no -R yet: cli.py shows them and warns)."""
+    (cli.py parses them and adds them to the command line's -R)."""
     local, dynamic, remote = forward_lines(r)
     forwards = [local_forward(line) for line in local] + [dynamic_forward(line) for line in dynamic]
     return forwards, remote, [remote_forward_spec(line) for line in remote]
@@ -288,7 +288,7 @@ def _target_text(end) -> str:
     return end.path if end.path is not None else f"[{end.host}]:{end.port}"
 
 
-def describe(opts: Options, batch: bool, remote: list[str]) -> str:
+def describe(opts: Options, batch: bool) -> str:
     """``sshpump -G``: what sshpump will use, one ``key value`` line each,
     keys and forward lines written as ``ssh -G`` writes them."""
     def yn(flag: bool) -> str:
@@ -309,7 +309,8 @@ def describe(opts: Options, batch: bool, remote: list[str]) -> str:
     for fwd in opts.forwards:
         if fwd.target is None:
             lines.append(f"dynamicforward {_listen_text(fwd.listen)}")
+        elif isinstance(fwd, RemoteForward):
+            lines.append(f"remoteforward {_listen_text(fwd.listen)} {_target_text(fwd.target)}")
         else:
             lines.append(f"localforward {_listen_text(fwd.listen)} {_target_text(fwd.target)}")
-    lines += [f"remoteforward {line}" for line in remote]
     return "\n".join(lines)

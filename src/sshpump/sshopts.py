@@ -9,12 +9,13 @@ import os
 from . import validate
 from .errors import UsageError
 from .options import DEFAULT_CIPHERS, STRICT_VALUES, Options
-from .spec import parse_dynamic_forward, parse_local_forward
+from .spec import parse_dynamic_forward, parse_local_forward, parse_remote_forward
 
 YES_NO = {"yes": True, "no": False, "true": True, "false": False}
 STRICT_ALIASES = {"true": "yes", "false": "no", "off": "no", "on": "yes"}
 MAX_COUNT = 2**31 - 1     # ssh's ServerAliveCountMax limit (INT_MAX)
 MAX_WORKERS = 1024        # a typo such as --workers 10000 must not fork that many processes
+MAX_SESSIONS_PER_WORKER = 64   # each is an sshd process on the server
 MAX_WINDOW = 1 << 30      # OpenSSH ends a session whose peer window would pass 2^32 - 1
 
 # Canonical spelling of every -o option sshpump knows, for messages.
@@ -146,6 +147,7 @@ def check_options(opts: Options) -> Options:
     opts.ciphers = validate.ciphers(opts.ciphers, DEFAULT_CIPHERS)
     validate.number_in(opts.workers, "workers", 0, MAX_WORKERS, integer=True)
     validate.number_in(opts.window, "window", 0, MAX_WINDOW, integer=True)
+    validate.number_in(opts.sessions_per_worker, "sessions_per_worker", 1, MAX_SESSIONS_PER_WORKER, integer=True)
     validate.number_in(opts.drain_timeout, "drain_timeout", 0, validate.MAX_SECONDS)
     validate.number_in(opts.client_wait, "client_wait", 0, validate.MAX_SECONDS)
     from .hops import check_transport   # jump hosts and ProxyCommand tokens, as the chain reads them
@@ -167,10 +169,12 @@ def build_options(
     strict_host_key_checking: str = "yes",
     workers: int = 0,
     dynamic=(),
+    remote=(),
     **options,
 ) -> Options:
     """forward()'s arguments as checked Options (shared with aio.forward).
-    ``dynamic``: -D specs ([bind:]port), SOCKS proxies beside the -L specs."""
+    ``dynamic``: -D specs ([bind:]port), SOCKS proxies beside the -L specs;
+    ``remote``: -R specs."""
     u, _, host = destination.rpartition("@")
     opts = Options(host=host, port=port, workers=workers)
     if u or user:
@@ -184,9 +188,10 @@ def build_options(
         opts.known_hosts = [known_hosts] if isinstance(known_hosts, (str, os.PathLike)) else list(known_hosts)
         opts.known_hosts = [os.path.expanduser(os.fspath(p)) for p in opts.known_hosts]
     opts.strict_host_key_checking = strict_host_key_checking
-    if isinstance(dynamic, str):
-        dynamic = [dynamic]
-    opts.forwards = [parse_local_forward(s) for s in specs] + [parse_dynamic_forward(s) for s in dynamic]
+    dynamic = [dynamic] if isinstance(dynamic, str) else dynamic
+    remote = [remote] if isinstance(remote, str) else remote
+    opts.forwards = ([parse_local_forward(s) for s in specs] + [parse_remote_forward(s) for s in remote]
+                     + [parse_dynamic_forward(s) for s in dynamic])
     for key, value in options.items():
         if key == "forwards" or not hasattr(opts, key):
             raise TypeError(f"forward() got an unknown option {key!r}")

@@ -26,9 +26,10 @@ from .logfmt import fields
 from .obs.counters import TunnelCounters
 from .options import Options
 from .pool import WorkerPool
+from .remoteset import RemoteSet
 from .routes import SOCKS, Route
 from .socksaccept import accept_socks
-from .spec import LocalForward
+from .spec import LocalForward, RemoteForward
 
 log = logging.getLogger("sshpump")
 
@@ -61,6 +62,7 @@ class TunnelService:
         self.on_failed = on_failed or (lambda err: None)
         self.table = ForwardTable()
         self.pool = WorkerPool(self)
+        self.remotes = RemoteSet(self)
         self.dispatcher = Dispatcher(self.pool.workers, opts, on_dropped=lambda t: self.finished({t.route.id: 1}))
         self.state = "new"
         self.error: SshpumpError | None = None
@@ -89,6 +91,17 @@ class TunnelService:
             self.table.close_all()
             self.state = "failed"
             raise
+        self.remotes.place_all()
+        if self.fail_fast:
+            # -R: ssh reports the server's answer (and with ExitOnForwardFailure
+            # exits on a refusal) before it goes on; so does --ready-fd here.
+            try:
+                await self.remotes.started(self.opts.connect_timeout or 30.0, self.opts.exit_on_forward_failure)
+            except BaseException:
+                await self.pool.stop(0)
+                self.table.close_all()
+                self.state = "failed"
+                raise
         for fwd in self.table:
             self._watch(fwd)
         self._timer = self.loop.call_later(0.5, self._tick)
@@ -124,7 +137,10 @@ class TunnelService:
     def add(self, spec: LocalForward) -> Forward:
         """Listen for one more forward and serve it (raises ForwardError)."""
         fwd = self.table.open(spec, self.opts.gateway_ports)
-        if self.state == "running" and not self._accept_paused:
+        if isinstance(spec, RemoteForward):
+            if self.pool.workers:
+                self.remotes.place(fwd)
+        elif self.state == "running" and not self._accept_paused:
             self._watch(fwd)
         log.info("%sforward %s added: %s", self.label, fwd.id, _listening(fwd),
                  extra=fields("forward_added", tunnel=self.name, forward=fwd.id, target=str(fwd.route.target)))
@@ -136,6 +152,8 @@ class TunnelService:
         fwd = self.table.find(ref)
         self._unwatch(fwd)
         self.table.close(fwd)
+        if fwd.remote is not None:
+            self.remotes.withdraw(fwd)
         self.pool.retire(fwd.route.id, self.opts.drain_timeout)
         log.info("%sforward %s removed (%s); %d connections draining", self.label, fwd.id, fwd.spec.spec, fwd.active,
                  extra=fields("forward_removed", tunnel=self.name, forward=fwd.id, target=str(fwd.route.target)))
@@ -212,6 +230,17 @@ class TunnelService:
         for fwd in self.table:
             self._watch(fwd)
 
+    def accepted(self, taken: dict[str, int]):
+        """-R: workers report connections the server forwarded to them."""
+        for fid, n in taken.items():
+            fwd = self.table.by_id.get(fid)
+            if fwd is not None:
+                fwd.active += n
+                fwd.accepted += n
+
+    def remote_status(self, w, route_id: str, state: str, port: int, reason: str):
+        self.remotes.status(w, route_id, state, port, reason)
+
     def finished(self, done: dict[str, int]):
         """Workers report connections that ended, per forward."""
         for fid, n in done.items():
@@ -234,6 +263,7 @@ class TunnelService:
         return self._stopping
 
     def respawn(self, w):
+        self.remotes.worker_gone(w)
         self.pool.respawn(w)
 
     def boot_failed(self, w, err: SshpumpError):

@@ -23,7 +23,7 @@ import ipaddress
 from . import backoff, sshopts, validate
 from .errors import UsageError
 from .options import DEFAULT_CIPHERS, STRICT_VALUES, Options
-from .spec import DynamicForward, LocalForward, parse_dynamic_forward, parse_local_forward
+from .spec import LocalForward, parse_dynamic_forward, parse_local_forward, parse_remote_forward
 
 SECRET_KEYS = ("password", "passphrase")
 
@@ -152,12 +152,13 @@ KEYS = {
     "ciphers": ("ciphers", lambda v: validate.ciphers(read_string(v), DEFAULT_CIPHERS, "ciphers")),
     "workers": ("workers", lambda v: _integer(v, 0, sshopts.MAX_WORKERS)),
     "window": ("window", lambda v: _integer(v, 0, sshopts.MAX_WINDOW)),
+    "sessions_per_worker": ("sessions_per_worker", lambda v: _integer(v, 1, sshopts.MAX_SESSIONS_PER_WORKER)),
     "client_wait": ("client_wait", _seconds),
     "drain_timeout": ("drain_timeout", _seconds),
     "reconnect_max": ("reconnect_max", _reconnect_max),
 }
 TUNNEL_ONLY = ("destination", "forwards")    # what makes a tunnel itself: no default
-TUNNEL_KEYS = TUNNEL_ONLY + ("dynamic_forwards", "options") + tuple(KEYS)
+TUNNEL_KEYS = TUNNEL_ONLY + ("dynamic_forwards", "remote_forwards", "options") + tuple(KEYS)
 DEFAULT_KEYS = ("options",) + tuple(KEYS)
 
 
@@ -281,17 +282,16 @@ def _forwards(value, where: str) -> list[LocalForward]:
     return out
 
 
-def _dynamic_forwards(value, where: str) -> list[DynamicForward]:
-    """-D specs ([bind:]port): SOCKS proxies through the tunnel."""
+def _spec_list(value, where: str, key: str, parse, form: str) -> list:
+    """dynamic_forwards (-D specs) or remote_forwards (-R specs)."""
     if not isinstance(value, list):
-        raise FileProblem(f"{where}: dynamic_forwards: must be a list of -D spec strings "
-                          f"([bind:]port), not {type_name(value)}")
+        raise FileProblem(f"{where}: {key}: must be a list of {form} spec strings, not {type_name(value)}")
     out = []
     for i, spec in enumerate(value):
         try:
-            out.append(parse_dynamic_forward(spec))
+            out.append(parse(spec))
         except UsageError as e:
-            raise FileProblem(f"{where}: dynamic_forwards[{i}]: {e}") from None
+            raise FileProblem(f"{where}: {key}[{i}]: {e}") from None
     return out
 
 
@@ -302,7 +302,8 @@ def tunnel_options(name: str, table, defaults: dict, default_workers: int) -> Op
     if not isinstance(table, dict):
         raise FileProblem(f"{where} must be a table ([tunnels.{name}]), not {type_name(table)}")
     fields, source = _settings(table, where, TUNNEL_KEYS)    # unknown keys first: a typo is not "missing"
-    socks_only = bool(table.get("dynamic_forwards")) and not table.get("forwards")
+    # forwards (-L) may be left out when the tunnel has -D or -R forwards
+    socks_only = bool(table.get("dynamic_forwards") or table.get("remote_forwards")) and not table.get("forwards")
     for key in TUNNEL_ONLY:
         if key not in table and not (key == "forwards" and socks_only):
             raise FileProblem(f"{where}: {key} is missing")
@@ -315,7 +316,10 @@ def tunnel_options(name: str, table, defaults: dict, default_workers: int) -> Op
     for field, value in {**defaults, **fields}.items():
         setattr(opts, field, list(value) if isinstance(value, list) else value)  # no list shared
     opts.forwards = ([] if socks_only else _forwards(table["forwards"], where)) + \
-        _dynamic_forwards(table.get("dynamic_forwards", []), where)
+        _spec_list(table.get("remote_forwards", []), where, "remote_forwards", parse_remote_forward,
+                   "-R ([bind:]port:host:hostport or [bind:]port:/local/socket)") + \
+        _spec_list(table.get("dynamic_forwards", []), where, "dynamic_forwards", parse_dynamic_forward,
+                   "-D ([bind:]port)")
     try:
         sshopts.check_options(opts)
     except UsageError as e:

@@ -32,6 +32,7 @@ from .obs.tally import Tally
 from .options import Options
 from .pump import Pump
 from .opens import ChannelOpens
+from .remotes import REMOTE_CONN_BASE, RemoteForwards
 
 log = logging.getLogger("sshpump")
 
@@ -51,7 +52,7 @@ class Worker(ChannelOpens):
     """
 
     def __init__(self, opts: Options, name: str = "worker", on_state=None, on_finished=None, on_opened=None,
-                 on_resolved=None):
+                 on_resolved=None, index: int = 0):
         self.opts = opts
         self.name = name
         self.on_state = on_state or (lambda up, reason: None)
@@ -75,6 +76,9 @@ class Worker(ChannelOpens):
         self.keepalive = KeepaliveClock(opts.server_alive_interval, opts.server_alive_count_max)
         self._ka_sent = None  # (when, rx mark) of a keepalive whose round trip is being timed
         self.next_conn = 0   # numbers for clients submitted without one (tests, direct use)
+        # -R: forwards the master gave this worker; its owner sets the callbacks.
+        self.remotes = RemoteForwards(self, conn_base=REMOTE_CONN_BASE * (index + 1))
+        self._kicked = False
 
     # ---- session lifecycle -------------------------------------------------
 
@@ -102,6 +106,7 @@ class Worker(ChannelOpens):
         self._ka_sent = None
         log.info("%s: session up to %s@%s:%d%s", self.name, self.opts.user, self.opts.host, self.opts.port,
                  f" via {stream.via}" if stream else "", extra=fields("session_up", self))
+        self.remotes.session_up()
         self.on_state(True, "connected")
         self._service()
 
@@ -141,6 +146,7 @@ class Worker(ChannelOpens):
         except OSError:
             pass
         self.pump.abort(session_dead=True)
+        self.remotes.session_down()
         self.carried.handle_events(self.pump.run())
         self.loop.remove_reader(self.pump.fileno)
         self.pump.close()
@@ -155,6 +161,15 @@ class Worker(ChannelOpens):
         self._close_stream()
         self.on_state(False, reason)
         self._schedule_reconnect(reason)
+
+    @property
+    def log_context(self) -> dict | None:
+        """Fields its JSON log records carry (logfmt); its connections' too."""
+        return getattr(self.carried, "log_context", None)
+
+    @log_context.setter
+    def log_context(self, ctx: dict | None):
+        self.carried.log_context = ctx
 
     # ---- connections -------------------------------------------------------
 
@@ -180,9 +195,22 @@ class Worker(ChannelOpens):
         st = self.pump.stats()
         return {"conns": st["conns"], "buffered": st["buffered"], "buffers": st["buffers"]}
 
+    def kick(self):
+        """Service the session soon (something changed outside a pump run)."""
+        if not self._kicked and self.loop is not None:
+            self._kicked = True
+            self.loop.call_soon(self._kicked_service)
+
+    def _kicked_service(self):
+        self._kicked = False
+        self._service()
+
     def _service(self):
-        """Run the pump, then the open queue; again only if an open completed
-        (its reply may have carried data the pump has not seen yet)."""
+        """Run the pump, then the remote forwards and the open queue; again
+        only if they read from the session (an open's reply, or libssh2
+        looking for forwarded channels, may have brought data the pump has
+        not seen yet). One global request or channel open is in flight at a
+        time (remotes.py says why)."""
         for _ in range(4):
             if self.pump is None:
                 return
@@ -192,7 +220,21 @@ class Worker(ChannelOpens):
                 return
             if self._ka_sent is not None:
                 self._keepalive_answered()
-            if not self.pending or not self._drive_opens():
+            again = False
+            if self.remotes.by_id:
+                again = self.remotes.accept()
+                opening = bool(self.pending) and self.pending[0].channel == "opening"
+                if not opening and self.remotes.drive():
+                    if not again:
+                        return
+                    continue
+            if self.pump is None:
+                return
+            if self.pending:
+                again = bool(self._drive_opens()) or again
+            elif self.pump is not None and not self.remotes.requesting:
+                self.pump.want_in(False)
+            if not again:
                 return
 
     # ---- timers ------------------------------------------------------------
@@ -212,6 +254,8 @@ class Worker(ChannelOpens):
     def _tick(self):
         self._timer = self.loop.call_later(self._tick_interval(), self._tick)
         self._expire_pending()
+        if self.remotes.by_id and self.up:
+            self.kick()   # refused remote forwards are retried when due
         if self.retiring:
             self._cut_retired()
         if self.up and self.stream is not None and self.opts.server_alive_interval:
@@ -255,6 +299,7 @@ class Worker(ChannelOpens):
 
     async def drain(self, timeout: float):
         """Wait up to timeout for active connections to finish, then abort them."""
+        self.remotes.cancel_all()   # no new forwarded connections while draining
         deadline = time.monotonic() + timeout
         while (self.active or self.pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -269,6 +314,7 @@ class Worker(ChannelOpens):
 
     def close(self):
         self._closing = True
+        self.remotes.close()
         if self._timer:
             self._timer.cancel()
         if self._reconnect_task:

@@ -23,7 +23,7 @@ from . import wire
 from .errors import AuthError, BridgeError, HostKeyError, SshpumpError, error_to_wire
 from .procsetup import HANDLED_SIGNALS, raise_fd_limit, setup_logging
 from .routes import Route
-from .worker import Worker
+from .sessionpool import make_worker
 
 EXIT_BOOT_ERROR = 3  # like gunicorn: the master must not respawn in a loop
 REPORT_INTERVAL = 0.25  # seconds between open reports to the master (when there is news)
@@ -86,6 +86,7 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
     # What metrics count (worker.tally: opens, ends, bytes, failed opens,
     # keepalive round trip, pump buffer) rides in the same message.
     done: dict[str, int] = {}   # per forward
+    taken: dict[str, int] = {}  # -R connections the server forwarded, per forward
     resolved = 0
     flush_pending = False
 
@@ -98,13 +99,19 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
     def flush_counts():
         nonlocal flush_pending, resolved
         flush_pending = False
-        if done or resolved or worker.tally.news:
-            send("counts", done=dict(done), resolved=resolved, **worker.tally.take())
+        if done or resolved or taken or worker.tally.news:
+            # accepted before done: a connection that came and went in one turn
+            send("counts", accepted=dict(taken), done=dict(done), resolved=resolved, **worker.tally.take())
+            taken.clear()
             done.clear()
             resolved = 0
 
     def on_finished(route_id):
         done[route_id] = done.get(route_id, 0) + 1
+        schedule_flush()
+
+    def on_accepted(route_id):
+        taken[route_id] = taken.get(route_id, 0) + 1
         schedule_flush()
 
     def on_resolved(n):
@@ -113,9 +120,18 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
         schedule_flush()
 
     report = OpenReport(send)
-    worker = Worker(opts, name=f"{prefix}worker {index}", on_state=on_state, on_finished=on_finished,
-                    on_opened=report.opened, on_resolved=on_resolved)
+    worker = make_worker(opts, f"{prefix}worker {index}", index, on_state=on_state, on_finished=on_finished,
+                         on_opened=report.opened, on_resolved=on_resolved)
     worker.tally.on_news = schedule_flush
+    worker.remotes.on_accepted = on_accepted
+    worker.remotes.on_remote = lambda rid, state, port, reason: send("remote", id=rid, state=state, port=port,
+                                                                     reason=reason)
+
+    def on_remote(msg, _fd):
+        if msg["add"]:
+            worker.remotes.assign(Route.from_wire(msg["route"]), msg["bind"], msg["port"])
+        else:
+            worker.remotes.withdraw(msg["id"])
     draining = None
 
     def on_client(msg, fd):
@@ -153,6 +169,7 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
         "drain": lambda msg, _fd: drain(msg["grace"]),
         "retire": lambda msg, _fd: worker.retire(msg["route"], msg["grace"]),
         "query": on_query,
+        "remote": on_remote,
     }
 
     def on_ctrl():

@@ -77,7 +77,7 @@ def _read_line(sock, path, deadline, timeout) -> bytes:
 # ---- the command line -----------------------------------------------------
 
 PROG = "sshpump ctl"
-USAGE = f"""{PROG} PATH add {{-L SPEC|-D [BIND:]PORT}} [--tunnel NAME]
+USAGE = f"""{PROG} PATH add {{-L SPEC|-R SPEC|-D [BIND:]PORT}} [--tunnel NAME]
        {PROG} PATH remove ID|SPEC [--tunnel NAME]
        {PROG} PATH {{list|connections|stats|ping|reload|stop}}
        {PROG} PATH drain [--timeout SECONDS]
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True, parser_class=_Parser)
     add = sub.add_parser("add", help="add a forward")
     add.add_argument("-L", dest="spec", action="append", default=[], metavar="SPEC")
+    add.add_argument("-R", dest="remote", action="append", default=[], metavar="SPEC")
     add.add_argument("-D", dest="dynamic", action="append", default=[], metavar="[BIND:]PORT")
     add.add_argument("--tunnel", metavar="NAME")
     rm = sub.add_parser("remove", help="remove a forward (its connections finish)")
@@ -127,9 +128,10 @@ def parse(argv: list[str]) -> tuple[str, str, dict, bool]:
         raise UsageError("PATH must not be empty")
     args: dict = {}
     if ns.cmd == "add":
-        if len(ns.spec) + len(ns.dynamic) != 1:
-            raise UsageError("add takes one -L SPEC or -D [BIND:]PORT (run add once per forward)")
-        kind, spec = ("L", ns.spec[0]) if ns.spec else ("D", ns.dynamic[0])
+        given = [("L", s) for s in ns.spec] + [("R", s) for s in ns.remote] + [("D", s) for s in ns.dynamic]
+        if len(given) != 1:
+            raise UsageError("add takes one -L SPEC, -R SPEC or -D [BIND:]PORT (run add once per forward)")
+        kind, spec = given[0]
         args = {"spec": spec, "kind": kind, "tunnel": ns.tunnel}
     elif ns.cmd == "remove":
         args = {"forward": ns.forward, "tunnel": ns.tunnel}

@@ -36,6 +36,7 @@ PKGS=(
     tmux                # sshpump status --watch in a real terminal (tests/test_status.py)
     curl                # scraping /metrics as a user would (tests/test_metrics.py); SOCKS client (tests/test_socks.py)
     proxychains4        # psql through -D (tests/test_socks.py)
+    netcat-openbsd      # ProxyCommand nc %h %p (tests/test_jump.py)
     # building sshpump's patched libssh2 (csrc/build_libssh2.py)
     gcc
     patch

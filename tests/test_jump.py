@@ -320,6 +320,29 @@ def test_socks_through_a_jump(behind):
         assert r.stdout == "hello from behind the jump\n"
 
 
+_ECHO_FROM_INSIDE = ("import socket, sys\n"
+                     "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=20)\n"
+                     "data = bytes(range(256)) * 4096\n"
+                     "s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
+                     "got = b''\n"
+                     "while True:\n"
+                     "    b = s.recv(65536)\n"
+                     "    if not b: break\n"
+                     "    got += b\n"
+                     "print('ok' if got == data else f'mismatch {len(got)}')\n")
+
+
+def test_remote_forward_through_a_jump(behind, targets):
+    """-R through a jump: the target sshd (in the namespace) listens, and a
+    client beside it reaches an echo server on this side."""
+    echo = targets.tcp["echo"]
+    with sshpump.forward(behind.dest, remote=[f"0:{echo[0]}:{echo[1]}"], **behind.kw()) as t:
+        (port,) = t.remote_ports
+        r = subprocess.run(behind.ns.exec_argv([sys.executable, "-c", _ECHO_FROM_INSIDE, str(port)]),
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "ok", (r.stdout, r.stderr)
+
+
 def test_jump_restart_cuts_then_serves_again(behind):
     with behind.jump_sshd() as jump:
         kw = behind.kw(behind.jump_spec(jump), more_servers=[jump], reconnect_max=1, **FAST_KEEPALIVES)

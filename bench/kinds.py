@@ -308,7 +308,7 @@ def measure(fwd, row, t, a, pat, http):
 
 
 def run(a) -> dict:
-    pat = pattern()
+    pat, load0 = pattern(), os.getloadavg()[0]   # the machine is shared: say how busy it was
     logdir = tempfile.mkdtemp(prefix="sshpump-bench-kinds-")
     srv = subprocess.Popen([sys.executable, "-m", "bench.servers"], cwd=REPO, env=_env(),
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -341,7 +341,7 @@ def run(a) -> dict:
         http.sock.close()
         srv.stdin.close()
         srv.wait(10)
-    return {"res": res, "errors": errors, "logdir": logdir}
+    return {"res": res, "errors": errors, "logdir": logdir, "load": [load0, os.getloadavg()[0]]}
 
 
 def _med(samples, i):
@@ -355,7 +355,7 @@ def report(out, a, cmd) -> str:
     w0, wd = CONTENDERS[1], CONTENDERS[2]
     lines = [f"# sshpump -D / -R vs OpenSSH ssh -D / -R, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}", "",
              f"`{cmd}`", "",
-             f"{os.cpu_count()} CPUs; cipher {CIPHER}; median of {a.reps}; bulk {a.mib} MiB, curl {a.curl_mib} MiB, "
+             f"{os.cpu_count()} CPUs (1-min load {out['load'][0]:.2f} at start, {out['load'][1]:.2f} at end); cipher {CIPHER}; median of {a.reps}; bulk {a.mib} MiB, curl {a.curl_mib} MiB, "
              f"churn {a.count} connections ({CONCURRENCY} at once). `direct` = no tunnel (bulk/curl: the target "
              "itself; churn: plain echo connections, no SOCKS). CPU = forwarder process tree (sshd not counted).", "",
              f"| row | unit | direct | ssh | {w0} | {wd} | w0/ssh | w{NDEF}/ssh | CPU unit | ssh | w0 | w{NDEF} |",
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S") + ("-kinds-quick" if q else "-kinds")
     with open(os.path.join(a.out, f"{stamp}.json"), "w") as fh:
         json.dump({"command": cmd.strip(), "cpus": os.cpu_count(), "cipher": CIPHER, "mib": a.mib,
-                   "curl_mib": a.curl_mib, "count": a.count, "reps": a.reps, "concurrency": CONCURRENCY,
+                   "curl_mib": a.curl_mib, "count": a.count, "reps": a.reps, "concurrency": CONCURRENCY, "load": out["load"],
                    "rows": {r: {c: [{"value": v, "cpu": cp} for v, cp in s] for c, s in cs.items()}
                             for r, cs in out["res"].items()}, "errors": out["errors"]}, fh, indent=1)
     with open(os.path.join(a.out, f"{stamp}.md"), "w") as fh:

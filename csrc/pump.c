@@ -67,8 +67,9 @@ static ssize_t counting_recv(libssh2_socket_t fd, void *buf, size_t len,
        previous one; with delayed ACKs that is up to 40 ms per exchange,
        and it is what makes tunnels collapse under connection churn. ACK at
        once instead. Linux clears QUICKACK by itself, so it is set again
-       after every read. */
-    if (r > 0)
+       after every read. (Not for a session carried over a unix socketpair:
+       ProxyCommand, ProxyJump.) */
+    if (r > 0 && (!p || p->ssh_is_tcp))
         setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
     if (r > 0 && p) {
         p->rx_bytes += (unsigned long long)r;
@@ -125,6 +126,12 @@ struct pump *pump_new(void *session, int ssh_fd, unsigned int bufsize,
         return NULL;
     p->s = session;
     p->ssh_fd = ssh_fd;
+    {
+        int domain = 0;
+        socklen_t dlen = sizeof(domain);
+        p->ssh_is_tcp = getsockopt(ssh_fd, SOL_SOCKET, SO_DOMAIN, &domain, &dlen) == 0
+                        && (domain == AF_INET || domain == AF_INET6);
+    }
     p->bufsize = bufsize >= 8192 ? bufsize : 65536;
     p->read_chunk = p->bufsize / 2;
     p->window = window;

@@ -53,6 +53,7 @@ struct conn {
 struct pump {
     LIBSSH2_SESSION *s;
     int ssh_fd;
+    int ssh_is_tcp;           /* TCP (not a socketpair to a ProxyCommand or jump) */
     int epfd;
     size_t bufsize;
     size_t read_chunk;        /* every channel_read asks for exactly this */

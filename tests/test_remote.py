@@ -39,7 +39,7 @@ def _eventually(check, timeout=20.0, what="condition"):
             result = check()
             if result:
                 return result
-        except OSError as e:
+        except (OSError, AssertionError) as e:   # e.g. the server still holds a dead session's port
             last = e
         time.sleep(0.1)
     raise AssertionError(f"{what} not met within {timeout}s (last error: {last})")

@@ -125,11 +125,14 @@ class RemoteForwards:
             rl.state, rl.listener, rl.retry_at = "wanted", None, 0.0
 
     def session_down(self):
-        """The listeners died with the session (libssh2 frees them with it)."""
+        """The listeners died with the session (libssh2 frees them with it);
+        each is asked for again after the reconnect."""
         for rid, rl in list(self.by_id.items()):
             if rl.state == "cancelled":
                 del self.by_id[rid]
                 continue
+            if rl.state == "bound":
+                self.on_remote(rid, "pending", rl.port, "SSH session down")
             rl.state, rl.listener, rl.bound = "wanted", None, 0
 
     @property

@@ -64,6 +64,10 @@ class RemoteSet:
 
     def worker_gone(self, w):
         """Its process died: its forwards move to a live worker, if any."""
+        for fid, owner in self.owner.items():
+            fwd = self.tunnel.table.by_id.get(fid)
+            if owner is w and fwd is not None:
+                fwd.remote.update(state="pending", reason="worker lost")
         live = [o for o in self._workers() if o is not w and o.up]
         if not live:
             return   # the replacement asks again
@@ -89,7 +93,7 @@ class RemoteSet:
         if state == "bound":
             fwd.remote["announced"] = port
         ev = self._answered.get(fid)
-        if ev is not None:
+        if ev is not None and state != "pending":
             ev.set()
 
     async def answer(self, fwd: Forward, timeout: float) -> str:

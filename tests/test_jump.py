@@ -27,7 +27,7 @@ import pytest
 
 import sshpump
 from sshpump.errors import AuthError, ConnectError, HostKeyError, UsageError
-from sshpump.hops import hop_options, parse_hop
+from sshpump.hopspec import hop_options, parse_hop
 from sshpump.options import Options
 from testbed import netns
 from testbed._util import wait_for

@@ -31,7 +31,7 @@ import ssh2.exceptions as sx
 from . import session as ssh_session
 from .describe import err_text, open_reason
 from .errors import ConnectError, SshpumpError, error_from_wire, error_to_wire
-from .hops import hop_name, hop_options
+from .hopspec import hop_name, hop_options
 from .keepalive import SEND, KeepaliveClock
 from .options import Options
 from .pump import END_REASONS, EV_DONE, EV_SESSION_DEAD, Pump

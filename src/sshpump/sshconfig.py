@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from . import sshtokens, validate
 from .errors import UsageError
+from .hopspec import parse_hop
 from .options import Options
 from .spec import RemoteForward, parse_dynamic_forward, parse_local_forward
 from .sshopts import parse_jump
@@ -122,7 +123,6 @@ def resolve_hops(ssh: str, hops: list[str], config_file: str | None) -> list[str
     host, with the hop's own Host/Match blocks (its HostName, User, Port;
     the local user when none names one, not the destination's). Returned
     as "user@host:port" so that the jump chain needs no config of its own."""
-    from .hops import parse_hop
 
     out = []
     for hop in hops:
@@ -143,7 +143,6 @@ def resolve_hops(ssh: str, hops: list[str], config_file: str | None) -> list[str
 
 def tokens(r: Resolved, host_arg: str) -> dict[str, str]:
     """The %-token values of this connection, from ssh's answer."""
-    from .hops import parse_hop
 
     hops = parse_jump(r.one("proxyjump") or "none", "ProxyJump")
     return sshtokens.connection_tokens(

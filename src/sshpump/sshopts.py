@@ -8,6 +8,7 @@ import os
 
 from . import validate
 from .errors import UsageError
+from .hopspec import check_transport, parse_hop
 from .options import DEFAULT_CIPHERS, STRICT_VALUES, Options
 from .spec import parse_dynamic_forward, parse_local_forward, parse_remote_forward
 
@@ -48,9 +49,8 @@ def _split(text: str, known: dict = KNOWN) -> tuple[str, str]:
 def parse_jump(text: str, what: str = "-J") -> list[str]:
     """ProxyJump / -J as Options.proxy_jump: hops as "[user@]host[:port]"
     (an IPv6 address in brackets when a port follows), first hop first;
-    "none": none. Each hop is read by hops.parse_hop, the reader the jump
+    "none": none. Each hop is read by hopspec.parse_hop, the reader the jump
     chain uses, so what is accepted here is what can be connected."""
-    from .hops import parse_hop   # here: hops imports the session layer
 
     if text.strip().lower() == "none":
         return []
@@ -150,7 +150,6 @@ def check_options(opts: Options) -> Options:
     validate.number_in(opts.sessions_per_worker, "sessions_per_worker", 1, MAX_SESSIONS_PER_WORKER, integer=True)
     validate.number_in(opts.drain_timeout, "drain_timeout", 0, validate.MAX_SECONDS)
     validate.number_in(opts.client_wait, "client_wait", 0, validate.MAX_SECONDS)
-    from .hops import check_transport   # jump hosts and ProxyCommand tokens, as the chain reads them
 
     check_transport(opts)
     return opts

@@ -43,6 +43,7 @@ class SessionPool:
             w.tally = w.carried.tally = self.tally
             self.sessions.append(w)
         self.up = False
+        self._starting = False
 
     # ---- what the owner sets or reads as on a Worker ---------------------------
 
@@ -91,6 +92,8 @@ class SessionPool:
         return sum(w.load for w in self.sessions)
 
     def _state(self, j: int, up: bool, reason: str):
+        if self._starting:
+            return   # said once start() is done
         now_up = any(w.up for w in self.sessions)
         if now_up != self.up:
             self.up = now_up
@@ -99,14 +102,23 @@ class SessionPool:
     # ---- lifecycle -------------------------------------------------------------
 
     async def start(self):
-        """All sessions log in; the first error is raised (fail-fast start),
-        and those that did come up are closed again."""
-        results = await asyncio.gather(*(w.start() for w in self.sessions), return_exceptions=True)
+        """Every session logs in; the pool says "up" once they all have
+        answered (so that what was measured at "ready" holds them all). A
+        session that failed reconnects in the background while the others
+        serve; when none came up, the first error is raised (the caller
+        then starts reconnecting, as with one Worker)."""
+        self._starting = True
+        try:
+            results = await asyncio.gather(*(w.start() for w in self.sessions), return_exceptions=True)
+        finally:
+            self._starting = False
         errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for w in self.sessions:
-                w.close()
+        if errors and not any(w.up for w in self.sessions):
             raise errors[0]
+        for w, r in zip(self.sessions, results):
+            if isinstance(r, BaseException):
+                w.start_reconnecting()
+        self._state(0, True, "connected")
 
     def start_reconnecting(self):
         for w in self.sessions:

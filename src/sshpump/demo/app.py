@@ -33,8 +33,22 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
-def _raise_signalled(signum, _frame):
-    raise _Signalled(signum)
+_pending: list[BaseException] = []   # a stop signal, until it has stopped the run
+
+
+def _on_stop_signal(signum, _frame):
+    """Ctrl-C (KeyboardInterrupt), SIGTERM, SIGHUP: raised at once, and also
+    kept, so that one raised where Python swallows it (a __del__, a
+    callback: "Exception ignored in ...") still stops the run at its next
+    line of output (Display's checkpoint)."""
+    exc = KeyboardInterrupt() if signum == signal.SIGINT else _Signalled(signum)
+    _pending.append(exc)
+    raise exc
+
+
+def _checkpoint():
+    if _pending:
+        raise _pending[0]
 
 
 def _positive(text: str) -> int:
@@ -172,9 +186,10 @@ def main(argv=None) -> int:
         print(f"sshpump demo: needs OpenSSH ({', '.join(missing)} not found; on Debian: "
               "apt install openssh-server openssh-client)", file=sys.stderr)
         return 1
-    out = Display()
+    _pending.clear()
+    out = Display(checkpoint=_checkpoint)
     state: dict = {}
-    old = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     stack = contextlib.ExitStack()
     rc = 1
     try:

@@ -16,12 +16,15 @@ def _amount(what: str, n: float) -> str:
 
 
 class Display:
-    def __init__(self, console: Console | None = None):
+    def __init__(self, console: Console | None = None, checkpoint=None):
         self.console = console or Console(highlight=False)
+        self.checkpoint = checkpoint   # called before each line: raises a stop signal that was swallowed
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
 
     def say(self, text: str = "") -> None:
+        if self.checkpoint is not None:
+            self.checkpoint()
         self.console.print(text, soft_wrap=True)
 
     # -- progress --------------------------------------------------------------

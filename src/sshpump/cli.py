@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a new client waits while no SSH session is up (default 10)")
     p.add_argument("--window", default=None, metavar="BYTES",
                    help="SSH receive window per channel (default libssh2's 2 MiB); raise it on high-latency links")
+    p.add_argument("--mux", action="store_true",
+                   help="carry every -L connection of a worker inside ONE channel, to a small agent sshpump runs "
+                   "on the server with python3 (bypasses sshd's AllowTcpForwarding/PermitOpen; see README)")
     p.add_argument("--control", default=None, metavar="PATH",
                    help="serve a control socket at PATH (mode 0600): `sshpump ctl PATH ...` adds and removes "
                    "forwards, lists connections, drains")
@@ -148,7 +151,7 @@ def _getopt_words(argv: list[str]) -> list[str]:
 
 # With --config, what belongs to a tunnel is in the file.
 TUNNEL_ONLY = ("local", "remote", "dynamic", "port", "login", "identity", "options", "gateway", "workers", "drain_timeout",
-               "client_wait", "window")
+               "client_wait", "window", "mux")
 
 
 def _check_config_mode(ns):
@@ -224,6 +227,7 @@ def parse_command_line(argv: list[str]) -> tuple[Options | None, argparse.Namesp
         opts.client_wait = validate.decimal_seconds(ns.client_wait, "--client-wait")
     if ns.window is not None:
         opts.window = validate.ascii_int(ns.window, "--window", 0, MAX_WINDOW)
+    opts.mux = ns.mux
     check_options(opts)
     return opts, ns, bool(batch and batch[-1])
 

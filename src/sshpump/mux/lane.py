@@ -133,13 +133,19 @@ class Lane:
     async def _hello(self, ch, deadline) -> bytes:
         got = b""
         pause = 0.001
+        stderr = b""
         while b"\n" not in got:
             rc, data = ch.read()
             if rc > 0:
                 got += data
                 continue
+            # libssh2 reports EOF only once the stderr bytes are read too.
+            erc, edata = ch.read_stderr()
+            if erc > 0:
+                stderr += edata
+                continue
             if rc == 0 and ch.eof():
-                raise MuxUnavailableError(f"the server has no python3 for --mux ({self._why_ended(ch)})")
+                raise MuxUnavailableError(f"the server has no python3 for --mux ({self._why_ended(ch, stderr)})")
             if time.monotonic() > deadline:
                 raise MuxUnavailableError("the --mux agent did not start: no hello line in time")
             await asyncio.sleep(pause)
@@ -147,14 +153,15 @@ class Lane:
         return got
 
     @staticmethod
-    def _why_ended(ch) -> str:
-        """The agent's exit status and the last line it wrote to stderr, as
-        far as they have arrived."""
+    def _why_ended(ch, err: bytes = b"") -> str:
+        """The agent's exit status and the last line it wrote to stderr (err:
+        what was read of it already), as far as they have arrived."""
         try:
-            rc, err = ch.read_stderr()
+            rc, more = ch.read_stderr()
         except sx.SSH2Error:
-            rc, err = 0, b""
-        line = err.decode(errors="replace").strip().splitlines()[-1] if rc > 0 and err.strip() else ""
+            rc, more = 0, b""
+        err += more if rc > 0 else b""
+        line = err.decode(errors="replace").strip().splitlines()[-1] if err.strip() else ""
         status = ch.get_exit_status()
         parts = [f"exit status {status}"] if status else []
         if line:

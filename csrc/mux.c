@@ -109,8 +109,8 @@ struct mux {
     size_t ilen, icap;
     int rpending;           /* a lane read returned EAGAIN: repeat it */
     int lost;               /* the lane ended: reason for Python (err) */
-    struct pump_event *evq; /* events for pump.c to hand on */
-    int nev, evcap;
+    struct pump_event *evq; /* events for pump.c to hand on, in [evhead, nev) */
+    int evhead, nev, evcap;
 };
 
 /* ---- small helpers ------------------------------------------------------- */
@@ -324,8 +324,10 @@ static int stream_down(struct pump *p, struct mstream *s)
         s->dbuf = NULL;
         s->doff = s->dlen = 0;
     }
-    if (s->owed && (s->owed >= PUMP_MUX_WINDOW / 4 || !s->dbuf) &&
-        s->down == DOWN_OPEN)
+    /* Credit goes back in quarters of the window (one WINDOW frame per
+       256 KiB, not one per DATA frame); the agent's credit never runs out,
+       as at least 3/4 of it is back once the client has everything. */
+    if (s->owed >= PUMP_MUX_WINDOW / 4 && s->down == DOWN_OPEN)
         owe(m, s, NEED_WINDOW);
     if (s->down == DOWN_DRAIN && !s->dbuf) {
         shutdown(s->fd, SHUT_WR);
@@ -577,9 +579,10 @@ static int control_out(struct pump *p)
     return moved;
 }
 
-/* DATA: one chunk from each ready client in turn, straight into the output
-   behind its header, while credit and room last. */
-static int data_out(struct pump *p)
+/* One pass of DATA: one chunk from each ready client in turn, straight into
+   the output behind its header, while credit and room last. Non-zero on
+   progress. */
+static int data_pass(struct pump *p)
 {
     struct mux *m = p->mux;
     int n = m->ready.n, i, moved = 0;
@@ -635,8 +638,22 @@ static int data_out(struct pump *p)
             moved = 1;
         }
     }
-    memmove(m->ready.v, m->ready.v + n, (size_t)(m->ready.n - n) * sizeof(int));
-    m->ready.n -= n;
+    if (n) {
+        memmove(m->ready.v, m->ready.v + n, (size_t)(m->ready.n - n) * sizeof(int));
+        m->ready.n -= n;
+    }
+    return moved;
+}
+
+/* DATA passes until the output is full or no client has more: a single
+   busy stream fills the buffer too, so that the lane's writes are whole
+   packets (MAX_WRITE) rather than one frame each. */
+static int data_out(struct pump *p)
+{
+    struct mux *m = p->mux;
+    int moved = 0;
+    while (m->ready.n && out_room(m) >= HDR + 1024 && data_pass(p))
+        moved = 1;
     return moved;
 }
 
@@ -749,7 +766,7 @@ int mux_step(struct pump *p)
         s->in_down = 0;
         moved |= stream_down(p, s);
     }
-    if (m->down.n >= n) {
+    if (n && m->down.n >= n) {
         memmove(m->down.v, m->down.v + n, (size_t)(m->down.n - n) * sizeof(int));
         m->down.n -= n;
     }
@@ -777,11 +794,11 @@ int mux_busy(struct pump *p)
 int mux_pop_event(struct pump *p, struct pump_event *e)
 {
     struct mux *m = p->mux;
-    if (!m || !m->nev)
+    if (!m || m->evhead == m->nev)
         return 0;
-    *e = m->evq[0];
-    memmove(m->evq, m->evq + 1, (size_t)(m->nev - 1) * sizeof(*e));
-    m->nev--;
+    *e = m->evq[m->evhead++];
+    if (m->evhead == m->nev)
+        m->evhead = m->nev = 0;
     return 1;
 }
 

@@ -32,6 +32,7 @@ the windows of its streams. Control frames are written before DATA, and
 DATA is read from the targets round robin, one chunk per stream per turn.
 """
 
+import collections
 import errno
 import os
 import queue
@@ -89,13 +90,20 @@ class Agent:
         self.fd_in, self.fd_out = fd_in, fd_out
         os.set_blocking(fd_in, False)
         os.set_blocking(fd_out, False)
+        for fd in (fd_in, fd_out):
+            try:   # F_SETPIPE_SZ: only pipes have it; sockets keep their buffers
+                import fcntl
+                fcntl.fcntl(fd, 1031, 1 << 20)
+            except (ImportError, OSError):
+                pass
         self.sel = selectors.DefaultSelector()
         self.sel.register(fd_in, selectors.EVENT_READ, None)
         self.out_registered = False
         self.streams = {}
         self.inbuf = bytearray()
         self.ctl = []              # control frames, written before any DATA
-        self.wbuf = bytearray()    # bytes being written to stdout
+        self.outq = collections.deque()   # buffers for stdout, written with writev (no joining)
+        self.queued = 0            # their total length
         self.ready = []            # streams whose target may be readable, in turn
         self.running = True
         self.resolved = []         # (sid, addrs or OSError) from resolver threads
@@ -262,7 +270,10 @@ class Agent:
                 return
             del s.to_target[:n]
             s.delivered += n
-        if s.delivered >= INITIAL_WINDOW // 4 or (s.delivered and not s.to_target):
+        # Credit goes back in quarters of the window: one WINDOW frame per
+        # 256 KiB, not per DATA frame; the sender's credit never runs out
+        # (at least 3/4 of it is back once everything is delivered).
+        if s.delivered >= INITIAL_WINDOW // 4:
             self.ctl.append(frame(WINDOW, s.sid, s.delivered))
             s.delivered = 0
         if not s.to_target and s.eof_in and not s.shut_wr:
@@ -278,10 +289,10 @@ class Agent:
 
     def _read_targets(self):
         """DATA from targets, one chunk per stream per turn, while stdout keeps up."""
-        while self.ready and len(self.wbuf) < OUT_HIGH:
+        while self.ready and self.queued < OUT_HIGH:
             turn, self.ready = self.ready, []
             for i, s in enumerate(turn):
-                if len(self.wbuf) >= OUT_HIGH:
+                if self.queued >= OUT_HIGH:
                     self.ready.extend(x for x in turn[i:] if x.rd_ready)
                     break
                 if not s.rd_ready or s.sock is None:
@@ -302,7 +313,8 @@ class Agent:
                 if data:
                     s.credit -= len(data)
                     self._flush_ctl()
-                    self.wbuf += frame(DATA, s.sid, len(data), data)
+                    self._queue(HEADER.pack(VERSION, DATA, 0, s.sid, len(data)))
+                    self._queue(data)
                     self.ready.append(s)
                 else:
                     s.rd_ready = False
@@ -342,10 +354,23 @@ class Agent:
             raise ProtocolError("DATA after EOF on stream %d" % sid)
         if len(s.to_target) + (end - start) > INITIAL_WINDOW:
             raise ProtocolError("stream %d sent beyond its window" % sid)
-        s.to_target += buf[start:end]
-        if s.connected and len(s.to_target) == end - start:
+        if s.connected and not s.to_target:
+            # Straight from the input buffer: only what the target does not
+            # take now is copied.
+            with memoryview(buf) as view:
+                try:
+                    n = s.sock.send(view[start:end])
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    self._cut(s)
+                    return
+                s.delivered += n
+                s.to_target += view[start + n:end]
             self._flush_target(s)
-        elif s.connected:
+            return
+        s.to_target += buf[start:end]
+        if s.connected:
             self._interest(s)
 
     def _control(self, kind, sid, value, payload):
@@ -379,20 +404,33 @@ class Agent:
 
     # ---- stdout -------------------------------------------------------------
 
+    def _queue(self, b):
+        self.outq.append(b)
+        self.queued += len(b)
+
     def _flush_ctl(self):
         if self.ctl:
-            self.wbuf += b"".join(self.ctl)
+            self._queue(b"".join(self.ctl))
             self.ctl = []
 
     def _write_out(self):
         self._flush_ctl()
-        while self.wbuf:
+        q = self.outq
+        while q:
             try:
-                n = os.write(self.fd_out, self.wbuf)
+                n = os.writev(self.fd_out, list(q)[:64] if len(q) > 64 else q)
             except (BlockingIOError, InterruptedError):
                 break
-            del self.wbuf[:n]
-        want = bool(self.wbuf)
+            self.queued -= n
+            while n:
+                head = q[0]
+                if n >= len(head):
+                    n -= len(head)
+                    q.popleft()
+                else:
+                    q[0] = memoryview(head)[n:]
+                    n = 0
+        want = bool(q)
         if want != self.out_registered:
             if want:
                 self.sel.register(self.fd_out, selectors.EVENT_WRITE, None)
@@ -407,7 +445,7 @@ class Agent:
         while self.running:
             self._read_targets()
             self._write_out()
-            busy = self.ready and len(self.wbuf) < OUT_HIGH
+            busy = self.ready and self.queued < OUT_HIGH
             for key, mask in self.sel.select(0 if busy else None):
                 s = key.data
                 if s is None:
@@ -440,7 +478,20 @@ class Agent:
         self._frames()
 
 
+def raise_fd_limit():
+    """One fd per stream: thousands of held connections need more than the
+    usual soft limit of 1,024 (the hard limit is the account's to set)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def main():
+    raise_fd_limit()
     try:
         Agent(0, 1).run()
     except ProtocolError as e:

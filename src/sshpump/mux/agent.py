@@ -30,13 +30,17 @@ comes back only once bytes reached the destination socket, so a slow target
 or client stalls only its own stream, and the agent never holds more than
 the windows of its streams. Control frames are written before DATA, and
 DATA is read from the targets round robin, one chunk per stream per turn.
+
+Target sockets are watched edge-triggered (registered once, removed by
+close): per connection the agent makes no epoll calls beyond that, which is
+most of its cost under connection churn.
 """
 
 import collections
 import errno
 import os
 import queue
-import selectors
+import select
 import socket
 import struct
 import sys
@@ -65,10 +69,16 @@ class ProtocolError(Exception):
     pass
 
 
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+TARGET_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+
 class Stream:
-    __slots__ = ("sid", "sock", "addrs", "connected", "credit", "to_target",
+    __slots__ = ("sid", "sock", "fd", "addrs", "connected", "credit", "to_target",
                  "delivered", "eof_in", "shut_wr", "eof_out", "rd_ready",
-                 "mask")
+                 "wr_ready", "listed")
 
     def __init__(self, sid):
         self.sid = sid
@@ -81,8 +91,10 @@ class Stream:
         self.eof_in = False      # the client sent EOF
         self.shut_wr = False     # ... and the target has been told
         self.eof_out = False     # the target sent EOF, passed on
-        self.rd_ready = False    # the target socket may have bytes
-        self.mask = 0
+        self.rd_ready = False    # the target socket may have bytes (edge seen, no EAGAIN since)
+        self.wr_ready = False    # ... may take bytes
+        self.listed = False      # in Agent.ready
+        self.fd = -1
 
 
 class Agent:
@@ -96,10 +108,11 @@ class Agent:
                 fcntl.fcntl(fd, 1031, 1 << 20)
             except (ImportError, OSError):
                 pass
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(fd_in, selectors.EVENT_READ, None)
+        self.ep = select.epoll()
+        self.ep.register(fd_in, EPOLLIN)
         self.out_registered = False
         self.streams = {}
+        self.by_fd = {}            # target fd -> Stream
         self.inbuf = bytearray()
         self.ctl = []              # control frames, written before any DATA
         self.outq = collections.deque()   # buffers for stdout, written with writev (no joining)
@@ -110,7 +123,7 @@ class Agent:
         self.lock = threading.Lock()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.ep.register(self.wake_r, EPOLLIN)
         self.lookups = queue.Queue()
         for _ in range(RESOLVERS):
             threading.Thread(target=self._resolver, daemon=True).start()
@@ -176,11 +189,9 @@ class Agent:
 
     def _connect_next(self, s, last_errno):
         if s.sock is not None:
-            if s.mask:
-                self.sel.unregister(s.sock)
-            s.sock.close()
+            self.by_fd.pop(s.fd, None)
+            s.sock.close()   # also leaves the epoll set
             s.sock = None
-            s.mask = 0
         if not s.addrs:
             self._fail(s, CONNECT_FAILED, last_errno, os.strerror(last_errno) if last_errno else "no address")
             return
@@ -194,10 +205,11 @@ class Agent:
         if fam != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.sock = sock
+        s.fd = sock.fileno()
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS, errno.EAGAIN):
-            self.sel.register(sock, selectors.EVENT_WRITE, s)
-            s.mask = selectors.EVENT_WRITE
+            self.by_fd[s.fd] = s
+            self.ep.register(s.fd, TARGET_EVENTS)
         else:
             self._connect_next(s, err)
 
@@ -206,11 +218,15 @@ class Agent:
         if err:
             self._connect_next(s, err)
             return
+        try:
+            s.sock.getpeername()
+        except OSError:
+            return   # not connected yet (an event meant for an earlier socket of this fd)
         s.connected = True
         s.addrs = []
         self.ctl.append(frame(OPEN_OK, s.sid, 0))
-        s.rd_ready = True
-        self.ready.append(s)
+        s.rd_ready = s.wr_ready = True
+        self._list(s)
         self._flush_target(s)
 
     def _fail(self, s, reason, err, text):
@@ -222,8 +238,7 @@ class Agent:
     def _forget(self, s, reset):
         self.streams.pop(s.sid, None)
         if s.sock is not None:
-            if s.mask:
-                self.sel.unregister(s.sock)
+            self.by_fd.pop(s.fd, None)
             if reset:
                 s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.sock.close()
@@ -240,30 +255,19 @@ class Agent:
             self._forget(s, reset=False)
             self.ctl.append(frame(CLOSE, s.sid, 0))
 
-    def _interest(self, s):
-        if s.sock is None or not s.connected:
-            return
-        want = 0
-        if not s.rd_ready and not s.eof_out and s.credit > 0:
-            want |= selectors.EVENT_READ
-        if s.to_target:
-            want |= selectors.EVENT_WRITE
-        if want == s.mask:
-            return
-        if s.mask and want:
-            self.sel.modify(s.sock, want, s)
-        elif want:
-            self.sel.register(s.sock, want, s)
-        else:
-            self.sel.unregister(s.sock)
-        s.mask = want
+    def _list(self, s):
+        """s may have bytes for the client: give it a turn in _read_targets."""
+        if not s.listed and s.rd_ready and s.credit > 0 and not s.eof_out and s.sock is not None:
+            s.listed = True
+            self.ready.append(s)
 
     def _flush_target(self, s):
         """Client bytes to the target; credit back what it took."""
-        while s.to_target:
+        while s.to_target and s.wr_ready:
             try:
                 n = s.sock.send(s.to_target)
             except (BlockingIOError, InterruptedError):
+                s.wr_ready = False
                 break
             except OSError:
                 self._cut(s)
@@ -283,9 +287,6 @@ class Agent:
                 pass
             s.shut_wr = True
             self._maybe_done(s)
-            if s.sid not in self.streams:
-                return
-        self._interest(s)
 
     def _read_targets(self):
         """DATA from targets, one chunk per stream per turn, while stdout keeps up."""
@@ -293,19 +294,15 @@ class Agent:
             turn, self.ready = self.ready, []
             for i, s in enumerate(turn):
                 if self.queued >= OUT_HIGH:
-                    self.ready.extend(x for x in turn[i:] if x.rd_ready)
+                    self.ready.extend(turn[i:])   # still listed
                     break
-                if not s.rd_ready or s.sock is None:
-                    continue
-                if s.credit <= 0:
-                    s.rd_ready = False
-                    self._interest(s)
-                    continue
+                s.listed = False
+                if not s.rd_ready or s.sock is None or s.credit <= 0 or s.eof_out:
+                    continue   # a WINDOW or the next edge lists it again
                 try:
                     data = s.sock.recv(min(CHUNK, s.credit))
                 except (BlockingIOError, InterruptedError):
                     s.rd_ready = False
-                    self._interest(s)
                     continue
                 except OSError:
                     self._cut(s)
@@ -315,13 +312,12 @@ class Agent:
                     self._flush_ctl()
                     self._queue(HEADER.pack(VERSION, DATA, 0, s.sid, len(data)))
                     self._queue(data)
-                    self.ready.append(s)
+                    self._list(s)
                 else:
                     s.rd_ready = False
                     s.eof_out = True
                     self.ctl.append(frame(EOF, s.sid, 0))
                     self._maybe_done(s)
-                    self._interest(s)
 
     # ---- the client's frames ------------------------------------------------
 
@@ -354,7 +350,7 @@ class Agent:
             raise ProtocolError("DATA after EOF on stream %d" % sid)
         if len(s.to_target) + (end - start) > INITIAL_WINDOW:
             raise ProtocolError("stream %d sent beyond its window" % sid)
-        if s.connected and not s.to_target:
+        if s.connected and not s.to_target and s.wr_ready:
             # Straight from the input buffer: only what the target does not
             # take now is copied.
             with memoryview(buf) as view:
@@ -362,6 +358,7 @@ class Agent:
                     n = s.sock.send(view[start:end])
                 except (BlockingIOError, InterruptedError):
                     n = 0
+                    s.wr_ready = False
                 except OSError:
                     self._cut(s)
                     return
@@ -370,8 +367,6 @@ class Agent:
             self._flush_target(s)
             return
         s.to_target += buf[start:end]
-        if s.connected:
-            self._interest(s)
 
     def _control(self, kind, sid, value, payload):
         if kind == OPEN:
@@ -387,12 +382,9 @@ class Agent:
         if s is None:
             return
         if kind == WINDOW:
-            was = s.credit
             s.credit += value
-            if was <= 0 < s.credit and s.connected and not s.eof_out:
-                s.rd_ready = True
-                self.ready.append(s)
-                self._interest(s)
+            if s.connected:
+                self._list(s)
         elif kind == EOF:
             s.eof_in = True
             if s.connected:
@@ -433,9 +425,9 @@ class Agent:
         want = bool(q)
         if want != self.out_registered:
             if want:
-                self.sel.register(self.fd_out, selectors.EVENT_WRITE, None)
+                self.ep.register(self.fd_out, EPOLLOUT)
             else:
-                self.sel.unregister(self.fd_out)
+                self.ep.unregister(self.fd_out)
             self.out_registered = want
 
     # ---- the loop -----------------------------------------------------------
@@ -446,25 +438,25 @@ class Agent:
             self._read_targets()
             self._write_out()
             busy = self.ready and self.queued < OUT_HIGH
-            for key, mask in self.sel.select(0 if busy else None):
-                s = key.data
+            for fd, events in self.ep.poll(0 if busy else -1):
+                s = self.by_fd.get(fd)
                 if s is None:
-                    if key.fd == self.fd_in:
+                    if fd == self.fd_in:
                         self._read_in()
-                    elif key.fd == self.wake_r:
+                    elif fd == self.wake_r:
                         self._take_resolved()
                     continue   # stdout writable: _write_out at the top
-                if s.sock is None or s.sid not in self.streams:
-                    continue
                 if not s.connected:
-                    self._connected(s)
+                    if events & WRITABLE:
+                        self._connected(s)
                     continue
-                if mask & selectors.EVENT_WRITE:
-                    self._flush_target(s)
-                if mask & selectors.EVENT_READ and s.sock is not None and not s.rd_ready:
+                if events & WRITABLE:
+                    s.wr_ready = True
+                    if s.to_target or (s.eof_in and not s.shut_wr):
+                        self._flush_target(s)
+                if events & READABLE and s.sock is not None:
                     s.rd_ready = True
-                    self.ready.append(s)
-                    self._interest(s)
+                    self._list(s)
 
     def _read_in(self):
         try:

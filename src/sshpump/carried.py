@@ -54,7 +54,7 @@ class Carried:
     def handle_events(self, events) -> str | None:
         """Account for ended connections; the reason if the session died."""
         dead = None
-        for kind, cid, reason, err, up, down, _code in events:
+        for kind, cid, reason, err, up, down in events:
             if kind == EV_DONE:
                 client = self.active.pop(cid, None)
                 if client is None:

@@ -116,15 +116,17 @@ class Pump:
         return cid
 
     def run(self):
-        """Move what can move; return [(kind, conn, reason, err, up, down, code)]
-        (code: the SSH reason of a --mux open that failed)."""
+        """Move what can move; return [(kind, conn, reason, err, up, down)].
+        For a --mux open that failed (reason END_OPEN_FAILED), err is the
+        pair (SSH reason code, errno)."""
         out = []
         ev = self._events
         while True:
             n = lib.pump_run(self._p, ev, 256)
             for i in range(n):
                 e = ev[i]
-                out.append((e.kind, e.conn, e.reason, e.err, e.up, e.down, e.code))
+                err = (e.code, e.err) if e.reason == END_OPEN_FAILED and e.kind == EV_DONE else e.err
+                out.append((e.kind, e.conn, e.reason, err, e.up, e.down))
             if n < 256:
                 return out
 

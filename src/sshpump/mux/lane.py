@@ -198,7 +198,7 @@ class Lane:
             if kind == EV_OPENED:
                 self._opened(cid)
             elif kind == EV_DONE and reason == END_OPEN_FAILED:
-                self._open_failed(cid, err, ev[6])
+                self._open_failed(cid, err[1], err[0])
             elif kind == EV_LANE_LOST:
                 lost = err
             else:

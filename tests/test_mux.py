@@ -141,3 +141,18 @@ def test_client_reset_reaches_the_target(pump, targets):
         s.close()
     with connect(p.listen[1], 10) as s:
         echo_roundtrip(s, b"still serving", half_close=True)
+
+
+def test_mux_is_asked_for_per_tunnel_flag_file_and_library(tmp_path):
+    """--mux, `mux = true` per tunnel in the TOML file, mux=True in the library."""
+    from sshpump import cli, sshopts, tunnelfile
+    opts, _ns, _batch = cli.parse_command_line(["--mux", "-L", "0:127.0.0.1:5432", "u@h"])
+    assert opts.mux
+    opts, _ns, _batch = cli.parse_command_line(["-L", "0:127.0.0.1:5432", "u@h"])
+    assert not opts.mux
+    f = tmp_path / "t.toml"
+    f.write_text('[tunnels.a]\ndestination = "u@h"\nforwards = ["0:127.0.0.1:5432"]\nmux = true\n'
+                 '[tunnels.b]\ndestination = "u@h"\nforwards = ["0:127.0.0.1:5433"]\n')
+    cfg = tunnelfile.load(str(f))
+    assert cfg.tunnels["a"].opts.mux and not cfg.tunnels["b"].opts.mux
+    assert sshopts.build_options("u@h", ["0:127.0.0.1:5432"], mux=True).mux

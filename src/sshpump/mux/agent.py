@@ -113,7 +113,10 @@ class Agent:
         self.out_registered = False
         self.streams = {}
         self.by_fd = {}            # target fd -> Stream
-        self.inbuf = bytearray()
+        # Frames from the client in inbuf[:ilen]; fixed size: room for a read
+        # behind the largest partial frame.
+        self.inbuf = bytearray(IN_READ + INITIAL_WINDOW + HEADER.size)
+        self.ilen = 0
         self.ctl = []              # control frames, written before any DATA
         self.outq = collections.deque()   # buffers for stdout, written with writev (no joining)
         self.queued = 0            # their total length
@@ -322,9 +325,12 @@ class Agent:
     # ---- the client's frames ------------------------------------------------
 
     def _frames(self):
-        buf = self.inbuf
+        """Every complete frame in the input buffer; consecutive DATA frames
+        of one stream go to its target in one sendmsg."""
+        buf, have = self.inbuf, self.ilen
         pos = 0
-        while len(buf) - pos >= HEADER.size:
+        run_sid, spans = None, []
+        while have - pos >= HEADER.size:
             ver, kind, _flags, sid, length = HEADER.unpack_from(buf, pos)
             if ver != VERSION:
                 raise ProtocolError("frame version %d" % ver)
@@ -332,41 +338,52 @@ class Agent:
             end = pos + HEADER.size + (length if has_payload else 0)
             if has_payload and length > INITIAL_WINDOW:
                 raise ProtocolError("frame of %d bytes" % length)
-            if end > len(buf):
+            if end > have:
                 break
-            payload = bytes(buf[pos + HEADER.size:end]) if kind == OPEN else None
+            if spans and (kind != DATA or sid != run_sid or len(spans) == 512):   # IOV_MAX is 1024
+                self._data(run_sid, buf, spans)
+                spans = []
             if kind == DATA:
-                self._data(sid, buf, pos + HEADER.size, end)
+                run_sid = sid
+                spans.append((pos + HEADER.size, end))
             else:
-                self._control(kind, sid, length, payload)
+                self._control(kind, sid, length, bytes(buf[pos + HEADER.size:end]) if kind == OPEN else None)
             pos = end
-        del buf[:pos]
+        if spans:
+            self._data(run_sid, buf, spans)
+        buf[:have - pos] = buf[pos:have]   # the partial frame to the front (same length: no resize)
+        self.ilen = have - pos
 
-    def _data(self, sid, buf, start, end):
+    def _data(self, sid, buf, spans):
         s = self.streams.get(sid)
         if s is None:
             return   # reset or failed while this was in flight
         if s.eof_in:
             raise ProtocolError("DATA after EOF on stream %d" % sid)
-        if len(s.to_target) + (end - start) > INITIAL_WINDOW:
+        total = sum(b - a for a, b in spans)
+        if len(s.to_target) + total > INITIAL_WINDOW:
             raise ProtocolError("stream %d sent beyond its window" % sid)
-        if s.connected and not s.to_target and s.wr_ready:
-            # Straight from the input buffer: only what the target does not
-            # take now is copied.
-            with memoryview(buf) as view:
+        with memoryview(buf) as view:
+            n = 0
+            if s.connected and not s.to_target and s.wr_ready:
+                # Straight from the input buffer: only what the target does
+                # not take now is copied.
                 try:
-                    n = s.sock.send(view[start:end])
+                    n = s.sock.sendmsg([view[a:b] for a, b in spans])
                 except (BlockingIOError, InterruptedError):
-                    n = 0
                     s.wr_ready = False
                 except OSError:
                     self._cut(s)
                     return
                 s.delivered += n
-                s.to_target += view[start + n:end]
+            for a, b in spans:
+                if n >= b - a:
+                    n -= b - a
+                    continue
+                s.to_target += view[a + n:b]
+                n = 0
+        if s.connected:
             self._flush_target(s)
-            return
-        s.to_target += buf[start:end]
 
     def _control(self, kind, sid, value, payload):
         if kind == OPEN:
@@ -459,14 +476,17 @@ class Agent:
                     self._list(s)
 
     def _read_in(self):
-        try:
-            data = os.read(self.fd_in, IN_READ)
-        except (BlockingIOError, InterruptedError):
-            return
-        if not data:
+        with memoryview(self.inbuf) as view:
+            try:
+                n = os.readv(self.fd_in, [view[self.ilen:self.ilen + IN_READ]])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0   # a socket as stdin (tests) can be reset: the same end
+        if not n:
             self.running = False   # the channel closed: nothing left to serve
             return
-        self.inbuf += data
+        self.ilen += n
         self._frames()
 
 

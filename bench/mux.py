@@ -98,6 +98,10 @@ ROWS = [
 ]
 
 
+def _fmt(v):
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -119,7 +123,7 @@ def markdown(result, command) -> str:
         for n in names:
             vals = [r.get("value") for r in row.get(n, []) if r.get("value") is not None]
             meds[n] = _med(vals)
-            cells.append(f"{meds[n]:,.3g} ({min(vals):,.3g}–{max(vals):,.3g})" if vals else "error")
+            cells.append(f"{_fmt(meds[n])} ({_fmt(min(vals))}–{_fmt(max(vals))})" if vals else "error")
 
         def ratio(a, b):
             return f"{meds[a] / meds[b]:.2f}x" if meds.get(a) and meds.get(b) else "-"
@@ -148,7 +152,14 @@ def main(argv=None):
     ap.add_argument("--bulk-mib", type=int, default=512)
     ap.add_argument("--rows", default=",".join(k for k, *_ in ROWS))
     ap.add_argument("--out", default=os.path.join(C.REPO, "bench", "results"))
+    ap.add_argument("--report", metavar="JSON", help="only write the .md of an earlier run's .json")
     a = ap.parse_args(argv)
+    if a.report:
+        with open(a.report) as f:
+            result = json.load(f)
+        with open(a.report[:-len(".json")] + ".md", "w") as f:
+            f.write(markdown(result, result["command"]))
+        return 0
     command = "python -m bench.mux " + " ".join(argv if argv is not None else sys.argv[1:])
     raise_nofile()
     logdir = tempfile.mkdtemp(prefix="sshpump-bench-mux-")

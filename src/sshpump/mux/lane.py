@@ -99,8 +99,10 @@ class Lane:
         try:
             timeout = w.opts.connect_timeout or START_TIMEOUT
             deadline = time.monotonic() + timeout
-            ch = await self._retry(w.session.open_session, deadline, "open a session channel")
-            await self._retry(lambda: ch.execute(self._command), deadline, "run the agent")
+            ch = await self._retry(w.session.open_session, deadline, "open a session channel",
+                                   "the --mux agent cannot start: the server refused a session channel")
+            await self._retry(lambda: ch.execute(self._command), deadline, "run the agent",
+                              "the server has no python3 for --mux: it refused to run a command")
             hello = await self._hello(ch, deadline)
             if hello != agent.HELLO:
                 raise MuxUnavailableError(
@@ -115,14 +117,14 @@ class Lane:
         log.info("%s: mux agent started", w.name, extra=fields("mux_up", w))
         w.kick()   # our reads may have queued packets the pump has not seen
 
-    async def _retry(self, call, deadline, what):
+    async def _retry(self, call, deadline, what, refused):
+        """call() until it is not EAGAIN; a libssh2 error is ``refused`` (one line)."""
         pause = 0.001
         while True:
             try:
                 r = call()
             except sx.SSH2Error as e:
-                raise MuxUnavailableError(f"the server has no python3 for --mux (cannot {what}: "
-                                          f"{type(e).__name__})") from None
+                raise MuxUnavailableError(f"{refused} ({type(e).__name__})") from None
             if r != LIBSSH2_ERROR_EAGAIN:
                 return r
             if time.monotonic() > deadline:

@@ -57,8 +57,9 @@ if _debug:
     _extra_compile += ["-DPUMP_DEBUG"]
 
 # pump.c: the session and its loop; conn.c: one connection's states; flow.c:
-# its bytes. pump_private.h is what they share.
-SOURCES = ["pump.c", "conn.c", "flow.c"]
+# its bytes; mux.c: --mux streams over one channel. pump_private.h is what
+# they share.
+SOURCES = ["pump.c", "conn.c", "flow.c", "mux.c"]
 
 ffibuilder.set_source(
     "sshpump._pump",

@@ -83,7 +83,7 @@ static void set_ssh_interest(struct pump *p)
     /* Without a channel nothing drains the socket, so level-triggered EPOLLIN
        would spin; EPOLLRDHUP still reports a server that went away. */
     unsigned want = EPOLLRDHUP;
-    if (p->live > 0 || p->want_in || p->control)
+    if (p->live > 0 || p->want_in || p->control || mux_wants_input(p))
         want |= EPOLLIN;
     if (p->out_blocked)
         want |= EPOLLOUT;
@@ -162,6 +162,7 @@ void pump_free(struct pump *p)
     int i;
     if (!p)
         return;
+    mux_free(p);
     for (i = 0; i < p->cap; i++) {
         struct conn *c = p->conns[i];
         if (!c)
@@ -243,18 +244,26 @@ int pump_add(struct pump *p, int fd, void *channel)
     return id;
 }
 
-static void push_event(struct pump *p, int kind, struct conn *c, int err)
+/* A new slot at the end of the event queue, or NULL when out of memory (the
+   event is lost, never the bytes). */
+static struct pump_event *new_event(struct pump *p)
 {
-    struct pump_event *e;
     if (p->nev == p->evcap) {
         int ncap = p->evcap ? p->evcap * 2 : 64;
         struct pump_event *nq = realloc(p->evq, ncap * sizeof(*nq));
         if (!nq)
-            return; /* out of memory: the event is lost, never the bytes */
+            return NULL;
         p->evq = nq;
         p->evcap = ncap;
     }
-    e = &p->evq[p->nev++];
+    return &p->evq[p->nev++];
+}
+
+static void push_event(struct pump *p, int kind, struct conn *c, int err)
+{
+    struct pump_event *e = new_event(p);
+    if (!e)
+        return;
     memset(e, 0, sizeof(*e));
     e->kind = kind;
     e->err = err;
@@ -371,9 +380,13 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
     n = epoll_wait(p->epfd, evs, 256, 0);
     for (i = 0; i < n; i++) {
         unsigned long long tag = evs[i].data.u64;
+        if (tag & MUX_TAG) {
+            mux_client_event(p, (int)(tag & 0xffffffffu), evs[i].events);
+            continue;
+        }
         if (tag == SSH_TAG) {
             if ((evs[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) &&
-                p->live == 0 && !p->control)
+                p->live == 0 && !p->control && !mux_wants_input(p))
                 session_failed(p, -13 /* LIBSSH2_ERROR_SOCKET_DISCONNECT */);
             continue;
         }
@@ -415,6 +428,11 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
                 c->hot = moved || conn_busy(c);
             progress |= moved;
         }
+        /* The --mux lane and its streams (mux.c): after the connections,
+           which see every byte of the socket first only if the lane is not
+           reading it in the same round; either order is correct. */
+        if (!p->dead)
+            progress |= mux_step(p);
         if (!progress)
             break;
     }
@@ -426,6 +444,7 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
     p->rx_dry = 0;
 
     if (p->dead) {
+        mux_abort(p, -1, p->dead);
         for (i = 0; i < p->cap; i++) {
             struct conn *c = p->conns[i];
             if (!c)
@@ -437,6 +456,11 @@ int pump_run(struct pump *p, struct pump_event *out, int max)
             push_event(p, PUMP_EV_SESSION_DEAD, NULL, p->dead);
             p->dead_reported = 1;
         }
+    }
+    {
+        struct pump_event me, *e;
+        while (mux_pop_event(p, &me) && (e = new_event(p)))
+            *e = me;
     }
     set_ssh_interest(p);
 
@@ -454,6 +478,8 @@ void pump_abort(struct pump *p, int conn, int session_dead)
     int i;
     if (session_dead)
         session_failed(p, -13 /* LIBSSH2_ERROR_SOCKET_DISCONNECT */);
+    if (conn < 0 || conn >= PUMP_MUX_BASE)
+        mux_abort(p, conn, p->dead);
     for (i = 0; i < p->cap; i++) {
         struct conn *c = p->conns[i];
         if (c && (conn < 0 || conn == i))
@@ -476,6 +502,8 @@ void pump_want_in(struct pump *p, int on)
 int pump_conn_stats(struct pump *p, int conn, struct pump_conn_stats *out)
 {
     struct conn *c;
+    if (conn >= PUMP_MUX_BASE)
+        return mux_conn_stats(p, conn, out);
     if (conn < 0 || conn >= p->cap || !(c = p->conns[conn]))
         return -1;
     out->up = c->nup;
@@ -489,7 +517,7 @@ int pump_conn_stats(struct pump *p, int conn, struct pump_conn_stats *out)
 
 void pump_get_stats(struct pump *p, struct pump_stats *st)
 {
-    st->conns = p->live;
+    st->conns = p->live + pump_mux_live(p);
     st->buffered = p->buffered;
     st->buffers = p->buffers;
     st->rx_bytes = p->rx_bytes;

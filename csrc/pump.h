@@ -10,7 +10,11 @@ struct pump;
 /* Event kinds returned by pump_run(). */
 enum {
     PUMP_EV_DONE = 1,         /* a connection finished; fd closed by the pump */
-    PUMP_EV_SESSION_DEAD = 2  /* the SSH session failed; err = libssh2 code */
+    PUMP_EV_SESSION_DEAD = 2, /* the SSH session failed; err = libssh2 code */
+    PUMP_EV_OPENED = 3,       /* --mux: the agent connected a stream's target */
+    PUMP_EV_LANE_LOST = 4     /* --mux: the agent's channel ended (its streams
+                                 got DONE first); err = 0 (agent exited),
+                                 -EPROTO (bad frames) or a libssh2 code */
 };
 
 /* Why a connection ended (PUMP_EV_DONE.reason). */
@@ -20,8 +24,19 @@ enum {
     PUMP_END_CHANNEL_CLOSED = 2,/* server closed the channel with data pending */
     PUMP_END_CHANNEL_ERROR = 3, /* libssh2 refused a channel operation */
     PUMP_END_ABORTED = 4,       /* closed by pump_abort() / session death */
-    PUMP_END_STATE = 5          /* pump bug: an impossible state change was
+    PUMP_END_STATE = 5,         /* pump bug: an impossible state change was
                                    refused (see refuse() in conn.c) */
+    PUMP_END_OPEN_FAILED = 6,   /* --mux: the agent could not connect the target;
+                                   code = SSH open-failure reason, err = errno */
+    PUMP_END_RESET = 7,         /* --mux: the target side reset the stream */
+    PUMP_END_LANE_LOST = 8      /* --mux: the agent's channel ended */
+};
+
+/* --mux: stream ids in events are PUMP_MUX_BASE + slot; each stream's credit
+   window, both ways, equals the agent's INITIAL_WINDOW. */
+enum {
+    PUMP_MUX_BASE = 16777216,
+    PUMP_MUX_WINDOW = 1048576
 };
 
 /* State of one direction of a connection (pump_conn_stats). Each direction
@@ -41,6 +56,7 @@ struct pump_event {
     int err;                     /* errno or libssh2 error code, 0 if none */
     unsigned long long up;       /* bytes client -> channel */
     unsigned long long down;     /* bytes channel -> client */
+    int code;                    /* PUMP_END_OPEN_FAILED: SSH reason code */
 };
 
 struct pump_stats {
@@ -101,6 +117,17 @@ void pump_get_stats(struct pump *p, struct pump_stats *st);
 /* Fills *out for connection conn; 0, or -1 if conn is not live (never added,
    or already reported by PUMP_EV_DONE: its id may since name a new one). */
 int pump_conn_stats(struct pump *p, int conn, struct pump_conn_stats *out);
+
+/* --mux (mux.c). The agent's exec channel, its hello line checked by the
+   caller, who keeps its Python owner alive until PUMP_EV_LANE_LOST or
+   pump_free: 0, or -EBUSY while a lane is live. */
+int pump_mux_start(struct pump *p, void *channel);
+/* Carry client fd (owned by the pump from now) as a new stream to target
+   (the OPEN payload: b"t" + port (2 bytes, big-endian) + host, or b"u" +
+   path). Returns a conn id (>= PUMP_MUX_BASE) or -errno. Bytes the client
+   sends follow the OPEN at once. */
+int pump_mux_open(struct pump *p, int fd, const char *target, unsigned int len);
+int pump_mux_live(struct pump *p);
 
 /* For the pointer bridge's self-check. */
 long pump_session_timeout(void *session);

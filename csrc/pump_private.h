@@ -7,6 +7,9 @@
  *           (the libssh2 facts)
  *   conn.c  one connection: its states and their setters, buffers, cuts;
  *           what it needs of the session (session_failed, can_send_small)
+ * and, beside flow.c (called by pump.c, calling conn.c only):
+ *   mux.c   --mux: client connections as streams of one channel to the
+ *           remote agent, with their own states, buffers and frames
  */
 #ifndef SSHPUMP_PUMP_PRIVATE_H
 #define SSHPUMP_PUMP_PRIVATE_H
@@ -81,7 +84,11 @@ struct pump {
     libssh2_cb_generic *orig_recv;  /* ssh2-python's recv, restored on free */
     int in_run;                     /* inside pump_run() */
     int rx_dry;                     /* this round's recv found the socket empty */
+    struct mux *mux;                /* --mux lane and its streams (mux.c), or NULL */
 };
+
+/* epoll data of a mux stream's client fd: this bit | its slot. */
+#define MUX_TAG (1ULL << 40)
 
 /* conn.c: one connection, and what it needs of the session. set_up/set_down
    return 0, or -1 when they refused the change and cut the connection (the
@@ -111,5 +118,17 @@ PUMP_INTERNAL int step_up(struct pump *p, struct conn *c);
 PUMP_INTERNAL int step_down(struct pump *p, struct conn *c);
 PUMP_INTERNAL int step_close(struct pump *p, struct conn *c);
 PUMP_INTERNAL int finish_adjust(struct pump *p, struct conn *c);
+
+/* mux.c: --mux streams. mux_step: non-zero on progress; mux_abort: conn
+   -1 for every stream, err != 0 when the session is dead (no RESET sent). */
+PUMP_INTERNAL void mux_client_event(struct pump *p, int slot, unsigned events);
+PUMP_INTERNAL int mux_step(struct pump *p);
+PUMP_INTERNAL int mux_wants_input(struct pump *p);
+PUMP_INTERNAL int mux_busy(struct pump *p);
+PUMP_INTERNAL int mux_pop_event(struct pump *p, struct pump_event *e);
+PUMP_INTERNAL void mux_abort(struct pump *p, int conn, int err);
+PUMP_INTERNAL int mux_conn_stats(struct pump *p, int conn,
+                                 struct pump_conn_stats *out);
+PUMP_INTERNAL void mux_free(struct pump *p);
 
 #endif

@@ -9,7 +9,7 @@ bash scripts/install-system-deps.sh
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q -e '.[test,bench]'
 # The C pump must stay warning-free.
-for src in csrc/pump.c csrc/conn.c csrc/flow.c; do
+for src in csrc/pump.c csrc/conn.c csrc/flow.c csrc/mux.c; do
     gcc -std=gnu11 -fsyntax-only -Wall -Wextra -Werror -Icsrc "$src"
     gcc -std=gnu11 -fsyntax-only -Wall -Wextra -Werror -DPUMP_DEBUG -Icsrc "$src"
 done

@@ -346,6 +346,23 @@ def connect(addr, timeout=30.0) -> socket.socket:
     return _connect(addr, timeout=timeout)
 
 
+# One scenario suite, two data planes: a channel per connection (default),
+# and --mux (every connection a stream of one channel to the remote agent).
+PLANE_ARGS = {"channel": [], "mux": ["--mux"]}
+
+
+def plane_args(plane: str) -> list[str]:
+    return list(PLANE_ARGS[plane])
+
+
+def _planes():
+    import pytest
+    return pytest.mark.parametrize("plane", list(PLANE_ARGS))
+
+
+PLANES = _planes()
+
+
 def tcp_spec(target, listen="0"):
     return f"{listen}:{target[0]}:{target[1]}"
 

@@ -15,14 +15,15 @@ from testbed.client import (download_and_verify, echo_roundtrip, recv_until_eof,
                             upload_and_verify)
 from testbed.data import pattern_bytes, pattern_digest
 
-from helpers import alive, connect, extra_sshd, run_concurrently, start_pump, tcp_spec, vm_rss_kb
+from helpers import PLANES, alive, connect, extra_sshd, plane_args, run_concurrently, start_pump, tcp_spec, vm_rss_kb
 
 WORKERS = pytest.mark.parametrize("workers", [0, 2], ids=["w0", "w2"])
 
 
+@PLANES
 @WORKERS
-def test_echo_tcp(pump, targets, workers):
-    p = pump(tcp_spec(targets.tcp["echo"]), workers=workers)
+def test_echo_tcp(pump, targets, workers, plane):
+    p = pump(tcp_spec(targets.tcp["echo"]), workers=workers, extra=plane_args(plane))
     assert p.address[0] == "127.0.0.1" and p.address[1] > 0
     for i in range(3):
         with connect(p.address, 10) as s:
@@ -31,9 +32,10 @@ def test_echo_tcp(pump, targets, workers):
     p.wait_log("conn 0 open")
 
 
+@PLANES
 @WORKERS
-def test_direct_streamlocal(pump, targets, workers):
-    p = pump(f"0:{targets.unix['echo']}", f"0:{targets.unix['sink']}", workers=workers)
+def test_direct_streamlocal(pump, targets, workers, plane):
+    p = pump(f"0:{targets.unix['echo']}", f"0:{targets.unix['sink']}", workers=workers, extra=plane_args(plane))
     with connect(p.listen[0], 10) as s:
         echo_roundtrip(s, pattern_bytes("unix", 1 << 20), half_close=True)
     with connect(p.listen[1], 10) as s:
@@ -77,10 +79,11 @@ def test_local_unix_listener_in_use_is_not_stolen(pump, targets, tmp_path):
         busy.close()
 
 
+@PLANES
 @WORKERS
-def test_unix_to_unix(pump, targets, tmp_path, workers):
+def test_unix_to_unix(pump, targets, tmp_path, workers, plane):
     path = str(tmp_path / "u2u.sock")
-    p = pump(f"{path}:{targets.unix['echo']}", workers=workers)
+    p = pump(f"{path}:{targets.unix['echo']}", workers=workers, extra=plane_args(plane))
     assert p.address == path
     with connect(path, 10) as s:
         echo_roundtrip(s, pattern_bytes("u2u", 2 << 20), half_close=True)
@@ -109,9 +112,10 @@ def test_several_forwards(pump, targets, tmp_path, workers):
     assert specs[2] == f"{lpath}:{targets.unix['source']}"
 
 
+@PLANES
 @WORKERS
-def test_64mib_up_and_down(pump, targets, workers):
-    p = pump(tcp_spec(targets.tcp["sink"]), tcp_spec(targets.tcp["source"]), workers=workers)
+def test_64mib_up_and_down(pump, targets, workers, plane):
+    p = pump(tcp_spec(targets.tcp["sink"]), tcp_spec(targets.tcp["source"]), workers=workers, extra=plane_args(plane))
     n = 64 << 20
     with connect(p.listen[0], 60) as s:
         upload_and_verify(s, n, "up64")
@@ -127,9 +131,10 @@ def test_64mib_up_and_down(pump, targets, workers):
                       transfer(download_and_verify, p.listen[1], "down64b")], 120, "a transfer")
 
 
+@PLANES
 @WORKERS
-def test_half_close(pump, targets, workers):
-    p = pump(tcp_spec(targets.tcp["echo"]), workers=workers)
+def test_half_close(pump, targets, workers, plane):
+    p = pump(tcp_spec(targets.tcp["echo"]), workers=workers, extra=plane_args(plane))
     payload = pattern_bytes("half", 4 << 20)
     with connect(p.address, 30) as s:
         s.sendall(payload)  # echo server buffers 1 MiB socket buffers; we read after
@@ -141,16 +146,17 @@ def test_half_close(pump, targets, workers):
     with connect(p.address, 30) as s:
         echo_roundtrip(s, payload, half_close=True)
     # sink: the reply comes only after our EOF reached the target through the tunnel
-    p2 = pump(tcp_spec(targets.tcp["sink"]), workers=workers)
+    p2 = pump(tcp_spec(targets.tcp["sink"]), workers=workers, extra=plane_args(plane))
     with connect(p2.address, 30) as s:
         s.sendall(b"abc")
         s.shutdown(socket.SHUT_WR)
         assert recv_until_eof(s) == f"3 {hashlib.sha256(b'abc').hexdigest()}\n".encode()
 
 
+@PLANES
 @WORKERS
-def test_200_concurrent_connections(pump, targets, workers):
-    p = pump(tcp_spec(targets.tcp["echo"]), workers=workers, verbose=0)
+def test_200_concurrent_connections(pump, targets, workers, plane):
+    p = pump(tcp_spec(targets.tcp["echo"]), workers=workers, extra=plane_args(plane), verbose=0)
     n = 200
     barrier = threading.Barrier(n, timeout=60)
 
@@ -167,9 +173,10 @@ def test_200_concurrent_connections(pump, targets, workers):
     assert sorted(results) == list(range(n))
 
 
+@PLANES
 @WORKERS
-def test_target_refused(pump, targets, workers):
-    p = pump(tcp_spec(targets.tcp["refuse"]), tcp_spec(targets.tcp["echo"]), workers=workers)
+def test_target_refused(pump, targets, workers, plane):
+    p = pump(tcp_spec(targets.tcp["refuse"]), tcp_spec(targets.tcp["echo"]), workers=workers, extra=plane_args(plane))
 
     def refused_client():
         """A client of the refused target sees its connection cut (the reset
@@ -195,9 +202,10 @@ def test_target_refused(pump, targets, workers):
         echo_roundtrip(s, b"still alive 2", half_close=True)
 
 
+@PLANES
 @WORKERS
-def test_slow_reader_memory_bound(pump, targets, workers):
-    p = pump(tcp_spec(targets.tcp["source"]), workers=workers, verbose=0)
+def test_slow_reader_memory_bound(pump, targets, workers, plane):
+    p = pump(tcp_spec(targets.tcp["source"]), workers=workers, extra=plane_args(plane), verbose=0)
     pids = p.workers() if workers else [p.pid]
     assert len(pids) == max(workers, 1)
     # warm up so that baseline includes allocator arenas and channel buffers
@@ -309,18 +317,20 @@ def sshd_rekey(sshd):
         yield s
 
 
+@PLANES
 @WORKERS
-def test_download_across_rekey(sshd_rekey, targets, workers):
+def test_download_across_rekey(sshd_rekey, targets, workers, plane):
     n = 160 << 20  # crosses ~5 server-initiated rekeys
-    with start_pump(sshd_rekey, tcp_spec(targets.tcp["source"]), workers=workers) as p:
+    with start_pump(sshd_rekey, tcp_spec(targets.tcp["source"]), workers=workers, extra=plane_args(plane)) as p:
         with connect(p.address, 60) as s:
             download_and_verify(s, n, f"rekey-down-{workers}")
 
 
+@PLANES
 @WORKERS
-def test_upload_across_rekey(sshd_rekey, targets, workers):
+def test_upload_across_rekey(sshd_rekey, targets, workers, plane):
     n = 160 << 20
-    with start_pump(sshd_rekey, tcp_spec(targets.tcp["sink"]), workers=workers) as p:
+    with start_pump(sshd_rekey, tcp_spec(targets.tcp["sink"]), workers=workers, extra=plane_args(plane)) as p:
         with connect(p.address, 60) as s:
             upload_and_verify(s, n, f"rekey-up-{workers}")
         with connect(p.address, 60) as s:

@@ -17,7 +17,7 @@ from testbed._util import wait_for
 from testbed.client import echo_roundtrip
 from testbed.data import pattern_bytes, pattern_digest
 
-from helpers import alive, connect, extra_sshd, fd_count, start_pump, tcp_spec
+from helpers import PLANES, alive, connect, extra_sshd, fd_count, plane_args, start_pump, tcp_spec
 
 
 def _conn_counts(err):
@@ -67,8 +67,9 @@ def test_master_fds_return_to_baseline(pump, targets):
         wait_for(lambda: fd_count(w) <= n + 2, 5, what=f"worker {w} fd count back to {n}")
 
 
-def test_kill_worker_mid_transfer(pump, targets):
-    p = pump(tcp_spec(targets.tcp["echo"]), workers=2)
+@PLANES
+def test_kill_worker_mid_transfer(pump, targets, plane):
+    p = pump(tcp_spec(targets.tcp["echo"]), workers=2, extra=plane_args(plane))
     pids = p.workers()
     assert len(pids) == 2
     n = 8
@@ -145,9 +146,10 @@ def own_sshd(sshd):
         yield s
 
 
+@PLANES
 @pytest.mark.parametrize("workers", [0, 2], ids=["w0", "w2"])
-def test_sshd_restart_reconnects(own_sshd, targets, workers):
-    with start_pump(own_sshd, tcp_spec(targets.tcp["echo"]), workers=workers) as p:
+def test_sshd_restart_reconnects(own_sshd, targets, workers, plane):
+    with start_pump(own_sshd, tcp_spec(targets.tcp["echo"]), workers=workers, extra=plane_args(plane)) as p:
         assert _try_echo(p.address)
         own_sshd.restart()
         p.wait_log("SSH session lost", timeout=15)

@@ -68,7 +68,7 @@ def test_each_session_option_restarts():
                    exit_on_forward_failure=True, gateway_ports=True, ciphers="aes256-ctr",
                    workers=7, window=1 << 24, bufsize=4096, client_wait=1.0, drain_timeout=2.0,
                    reconnect_max=3.0, proxy_jump=["jump"], proxy_command="nc %h %p",
-                   sessions_per_worker=4)
+                   sessions_per_worker=4, mux=True)
     assert set(changes) | set(reloadplan.NOT_COMPARED) == {f.name for f in dataclasses.fields(Options)}
     for name, value in changes.items():
         changed = TunnelConfig("t", dataclasses.replace(base.opts, **{name: value}))

@@ -1,11 +1,13 @@
 """The C pump and the patched libssh2 under AddressSanitizer + UBSan: debug
 builds of the same sources carry real traffic (bulk both ways across a rekey,
-half-close, many short connections, aborted clients) and must report nothing."""
+half-close, many short connections, aborted clients) and must report nothing;
+on both planes (--mux: also its agent killed under live streams)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import threading
 
 import pytest
 
-from helpers import clean_env, extra_sshd, start_pump
+from helpers import PLANES, clean_env, extra_sshd, plane_args, start_pump
 from testbed.client import connect, download_and_verify, echo_roundtrip, upload_and_verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +57,11 @@ def asan_package(tmp_path_factory):
     return root, libasan
 
 
+def _agents(sshd):
+    from test_mux import agents_of
+    return agents_of(sshd)
+
+
 @pytest.fixture
 def rekeying_sshd(sshd):
     """Rekeys every 16 MiB, so the 48 MiB transfers below cross rekeys."""
@@ -62,7 +69,8 @@ def rekeying_sshd(sshd):
         yield s
 
 
-def test_pump_clean_under_asan(asan_package, rekeying_sshd, targets):
+@PLANES
+def test_pump_clean_under_asan(asan_package, rekeying_sshd, targets, plane):
     sshd = rekeying_sshd
     root, libasan = asan_package
     env = clean_env({
@@ -74,7 +82,7 @@ def test_pump_clean_under_asan(asan_package, rekeying_sshd, targets):
     })
     echo, sink, source = targets.tcp["echo"], targets.tcp["sink"], targets.tcp["source"]
     p = start_pump(sshd, f"0:{echo[0]}:{echo[1]}", f"0:{sink[0]}:{sink[1]}", f"0:{source[0]}:{source[1]}",
-                   workers=0, env=env, ready_timeout=60)
+                   workers=0, env=env, ready_timeout=60, extra=plane_args(plane))
     try:
         a_echo, a_sink, a_source = p.listen
         with open(f"/proc/{p.pid}/maps") as f:
@@ -109,6 +117,21 @@ def test_pump_clean_under_asan(asan_package, rekeying_sshd, targets):
             s.close()
         with connect(a_echo) as s:
             echo_roundtrip(s, b"still serving", half_close=True)
+        if plane == "mux":
+            # The agent dies under a held stream and a transfer: every
+            # stream is cut, the lane is restarted, the pump stays clean.
+            held = connect(a_echo)
+            echo_roundtrip(held, b"held")
+            busy = connect(a_source)
+            busy.sendall(b"%d busy\n" % (64 << 20))
+            busy.recv(65536)
+            for pid in _agents(sshd):
+                os.kill(pid, signal.SIGKILL)
+            p.wait_log("mux agent started", count=2, timeout=30)
+            held.close()
+            busy.close()
+            with connect(a_echo) as s:
+                echo_roundtrip(s, b"after the agent's restart", half_close=True)
         assert p.proc.poll() is None, p.stderr()
         assert p.stop() == 0, p.stderr()
         log = p.stderr()

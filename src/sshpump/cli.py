@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a new client waits while no SSH session is up (default 10)")
     p.add_argument("--window", default=None, metavar="BYTES",
                    help="SSH receive window per channel (default libssh2's 2 MiB); raise it on high-latency links")
+    p.add_argument("--mux", action="store_true",
+                   help="carry every -L connection of a worker inside ONE channel, to a small agent sshpump runs "
+                   "on the server with python3 (bypasses sshd's AllowTcpForwarding/PermitOpen; see README)")
     p.add_argument("--control", default=None, metavar="PATH",
                    help="serve a control socket at PATH (mode 0600): `sshpump ctl PATH ...` adds and removes "
                    "forwards, lists connections, drains")
@@ -164,7 +167,8 @@ def _getopt_words(argv: list[str]) -> list[str]:
 
 # With --config, what belongs to a tunnel is in the file.
 TUNNEL_ONLY = ("local", "remote", "dynamic", "port", "login", "identity", "options", "gateway", "workers",
-               "sessions_per_worker", "drain_timeout", "client_wait", "window", "ssh_config", "jump", "print_config")
+               "sessions_per_worker", "drain_timeout", "client_wait", "window", "ssh_config", "jump", "print_config",
+               "mux")
 
 
 def _check_config_mode(ns):
@@ -285,6 +289,7 @@ def _from_command_line(ns) -> tuple[Options, list, list[str], set[str]]:
         opts.client_wait = validate.decimal_seconds(ns.client_wait, "--client-wait")
     if ns.window is not None:
         opts.window = validate.ascii_int(ns.window, "--window", 0, MAX_WINDOW)
+    opts.mux = ns.mux
     return opts, batch, to_ssh, own
 
 

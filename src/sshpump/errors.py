@@ -69,6 +69,15 @@ class ChannelOpenError(SshpumpError, ConnectionError):
         self.reason = reason
 
 
+class MuxUnavailableError(SshpumpError):
+    """--mux was asked for and the server cannot run its agent (no shell,
+    no python3, an exec refused): the tunnel does not start, and channels
+    are never used instead without being asked (the mux bypasses sshd's
+    forwarding policy, so neither way is silent)."""
+
+    exit_code = 3
+
+
 class BridgeError(SshpumpError, RuntimeError):
     """The installed ssh2-python does not match what the C pump expects."""
 

@@ -105,6 +105,15 @@ class ChannelOpens:
                 client.sock.close()
                 self.on_finished(client.route.id)
                 continue
+            if self.lane is not None and client.channel != "opening":
+                # --mux: the agent's channel open is the one in flight while
+                # it starts; -L clients then wait for it, and go over it.
+                if self.lane.starting or (self.lane.carries(client.route) and not self.lane.ready):
+                    return opened
+                if self.lane.carries(client.route):
+                    self._dequeue()
+                    opened += self.lane.open(client)
+                    continue
             shost = client.peer[0] if client.sock.family != socket.AF_UNIX else "127.0.0.1"
             sport = client.peer[1] if client.sock.family != socket.AF_UNIX else 0
             client.channel = "opening"

@@ -57,6 +57,9 @@ class Options:
     # ProxyCommand with its %-tokens not yet expanded. Both empty: TCP.
     proxy_jump: list[str] = field(default_factory=list)
     proxy_command: str | None = None
+    # --mux (issue 11): -L clients as streams of one exec channel to a remote
+    # agent (sshpump.mux) instead of one SSH channel each.
+    mux: bool = False
 
     def identity_files(self) -> list[str]:
         if self.identities:

@@ -25,6 +25,9 @@ END_NORMAL = lib.PUMP_END_NORMAL
 END_ABORTED = lib.PUMP_END_ABORTED
 EV_DONE = lib.PUMP_EV_DONE
 EV_SESSION_DEAD = lib.PUMP_EV_SESSION_DEAD
+EV_OPENED = lib.PUMP_EV_OPENED
+EV_LANE_LOST = lib.PUMP_EV_LANE_LOST
+END_OPEN_FAILED = lib.PUMP_END_OPEN_FAILED
 
 END_REASONS = {
     lib.PUMP_END_NORMAL: "closed",
@@ -33,6 +36,9 @@ END_REASONS = {
     lib.PUMP_END_CHANNEL_ERROR: "channel error",
     lib.PUMP_END_ABORTED: "aborted",
     lib.PUMP_END_STATE: "pump bug: impossible state change refused",
+    lib.PUMP_END_OPEN_FAILED: "open failed",
+    lib.PUMP_END_RESET: "reset by the target side",
+    lib.PUMP_END_LANE_LOST: "mux agent gone",
 }
 
 STATE_NAMES = {
@@ -110,16 +116,32 @@ class Pump:
         return cid
 
     def run(self):
-        """Move what can move; return [(kind, conn, reason, err, up, down)]."""
+        """Move what can move; return [(kind, conn, reason, err, up, down)].
+        For a --mux open that failed (reason END_OPEN_FAILED), err is the
+        pair (SSH reason code, errno)."""
         out = []
         ev = self._events
         while True:
             n = lib.pump_run(self._p, ev, 256)
             for i in range(n):
                 e = ev[i]
-                out.append((e.kind, e.conn, e.reason, e.err, e.up, e.down))
+                err = (e.code, e.err) if e.reason == END_OPEN_FAILED and e.kind == EV_DONE else e.err
+                out.append((e.kind, e.conn, e.reason, err, e.up, e.down))
             if n < 256:
                 return out
+
+    def mux_start(self, channel):
+        """--mux: the agent's channel, its hello checked (kept alive by the caller)."""
+        r = lib.pump_mux_start(self._p, channel_pointer(channel))
+        if r < 0:
+            raise OSError(-r, "pump_mux_start")
+
+    def mux_open(self, fd: int, target: bytes) -> int:
+        """--mux: fd (owned by the pump from now) as a new stream to target."""
+        cid = lib.pump_mux_open(self._p, fd, target, len(target))
+        if cid < 0:
+            raise OSError(-cid, f"pump_mux_open: {fd}")
+        return cid
 
     def abort(self, conn: int = -1, session_dead: bool = False):
         lib.pump_abort(self._p, conn, 1 if session_dead else 0)

@@ -51,6 +51,7 @@ Tunnel keys (the Options fields a file may set, with TOML types):
 ``window``                            integer, bytes (0: libssh2's default)
 ``client_wait``, ``drain_timeout``    seconds, integer or float
 ``reconnect_max``                     seconds, integer or float, at least 0.5
+``mux``                               true / false: as ``--mux`` (README)
 ====================================  ==========================================
 
 How values combine, setting by setting: what a tunnel sets (by a key or an

@@ -156,6 +156,7 @@ KEYS = {
     "client_wait": ("client_wait", _seconds),
     "drain_timeout": ("drain_timeout", _seconds),
     "reconnect_max": ("reconnect_max", _reconnect_max),
+    "mux": ("mux", _boolean),
 }
 TUNNEL_ONLY = ("destination", "forwards")    # what makes a tunnel itself: no default
 TUNNEL_KEYS = TUNNEL_ONLY + ("dynamic_forwards", "remote_forwards", "options") + tuple(KEYS)

@@ -28,6 +28,7 @@ from .cut import reset_close
 from .errors import ConnectTimeoutError, SshpumpError
 from .keepalive import SEND, KeepaliveClock
 from .logfmt import fields
+from .mux.lane import Lane
 from .obs.tally import Tally
 from .options import Options
 from .pump import Pump
@@ -79,6 +80,8 @@ class Worker(ChannelOpens):
         # -R: forwards the master gave this worker; its owner sets the callbacks.
         self.remotes = RemoteForwards(self, conn_base=REMOTE_CONN_BASE * (index + 1))
         self._kicked = False
+        # --mux: the remote agent on this session carries the -L clients.
+        self.lane = Lane(self) if opts.mux else None
 
     # ---- session lifecycle -------------------------------------------------
 
@@ -101,6 +104,12 @@ class Worker(ChannelOpens):
         if control is not None:
             self.pump.set_control(control)
         self.loop.add_reader(self.pump.fileno, self._service)
+        if self.lane is not None:
+            try:
+                await self.lane.start()
+            except BaseException:
+                self._drop_session()
+                raise
         self.up = True
         self.keepalive.reset(self._rx_mark(), time.monotonic())
         self._ka_sent = None
@@ -109,6 +118,24 @@ class Worker(ChannelOpens):
         self.remotes.session_up()
         self.on_state(True, "connected")
         self._service()
+
+    def _drop_session(self):
+        """A session that never came up (its mux agent did not start): freed
+        without reporting anything."""
+        self.loop.remove_reader(self.pump.fileno)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.pump.close()
+        self.pump = None
+        self.control = self.session = None
+        self.sock.close()
+        self.sock = None
+
+    def session_failed_from_lane(self, reason: str):
+        """The mux agent cannot be restarted: replace the session."""
+        self._session_failed(reason)
 
     def _schedule_reconnect(self, reason, first=False):
         if self._closing or self._reconnect_task is not None:
@@ -147,6 +174,8 @@ class Worker(ChannelOpens):
             pass
         self.pump.abort(session_dead=True)
         self.remotes.session_down()
+        if self.lane is not None:
+            self.lane.session_down()
         self.carried.handle_events(self.pump.run())
         self.loop.remove_reader(self.pump.fileno)
         self.pump.close()
@@ -214,7 +243,10 @@ class Worker(ChannelOpens):
         for _ in range(4):
             if self.pump is None:
                 return
-            dead = self.carried.handle_events(self.pump.run())
+            events = self.pump.run()
+            if self.lane is not None:
+                events = self.lane.filter(events)
+            dead = self.carried.handle_events(events)
             if dead:
                 self._session_failed(dead)
                 return
@@ -315,6 +347,8 @@ class Worker(ChannelOpens):
     def close(self):
         self._closing = True
         self.remotes.close()
+        if self.lane is not None:
+            self.lane.session_down()
         if self._timer:
             self._timer.cancel()
         if self._reconnect_task:

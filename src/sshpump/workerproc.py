@@ -20,7 +20,7 @@ import sys
 from collections import deque
 
 from . import wire
-from .errors import AuthError, BridgeError, HostKeyError, SshpumpError, error_to_wire
+from .errors import AuthError, BridgeError, HostKeyError, MuxUnavailableError, SshpumpError, error_to_wire
 from .procsetup import HANDLED_SIGNALS, raise_fd_limit, setup_logging
 from .routes import Route
 from .sessionpool import make_worker
@@ -238,7 +238,7 @@ async def _serve(ctrl: socket.socket, opts, index: int, prefix: str = "") -> int
         os._exit(0)
     try:
         starting.result()
-    except (AuthError, HostKeyError, BridgeError) as e:
+    except (AuthError, HostKeyError, BridgeError, MuxUnavailableError) as e:
         # Reported, not logged: the master decides (halt with one line, or
         # keep this tunnel's other workers and retry later).
         send("fatal", **error_to_wire(e))

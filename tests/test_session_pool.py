@@ -97,3 +97,21 @@ def test_bad_sessions_per_worker_is_one_line_exit_2(sshd):
                         ("65", "out of range")):
         code, err = run_cli(["--sessions-per-worker", value, "-L", "0:h:1", "nobody@127.0.0.1"])
         assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_pool_of_mux_sessions_with_a_remote_forward(pump, targets):
+    """--mux on every session of the pool carries the -L clients; -R (a
+    channel, on the first session) works beside them."""
+    echo = targets.tcp["echo"]
+    p = pump(tcp_spec(echo), workers=1, extra=["--sessions-per-worker", "2", "--mux",
+                                               "-R", f"0:{echo[0]}:{echo[1]}"])
+    held = [connect(p.address) for _ in range(6)]
+    try:
+        for i, s in enumerate(held):
+            echo_roundtrip(s, os.urandom(50_000 + i))
+    finally:
+        for s in held:
+            s.close()
+    import socket as _socket
+    with _socket.create_connection(("127.0.0.1", p.ready["remote"][0]["port"]), timeout=10) as s:
+        echo_roundtrip(s, b"remote" * 1000)

@@ -41,9 +41,24 @@ class MuxSshpump(C.Sshpump):
         return a[:3] + ["--mux"] + a[3:]
 
 
+class PoolSshpump(C.Sshpump):
+    """sshpump --workers 0 --sessions-per-worker K: K sessions in one
+    process, a channel per connection (K opens in flight, lists n/K long)."""
+
+    def __init__(self, k: int):
+        super().__init__(0, f"pool{k}", f"sshpump --workers 0 --sessions-per-worker {k}: {k} sessions in one "
+                                        "process, a channel per connection")
+        self.k = k
+
+    def argv(self, env, targets):
+        a = super().argv(env, targets)
+        return a[:3] + ["--sessions-per-worker", str(self.k)] + a[3:]
+
+
 def contenders():
     return [
         C.Sshpump(0, "channel", "sshpump --workers 0: one session, a channel per connection"),
+        PoolSshpump(4),
         MuxSshpump(0, "mux", "sshpump --workers 0 --mux: one session, every connection a stream of one "
                              "exec channel to the remote agent"),
         C.OpenSSH(),
@@ -109,12 +124,13 @@ def _med(xs):
 
 def markdown(result, command) -> str:
     names = list(result["contenders"])
+    pairs = [(x, y) for x in ("mux", "pool4") for y in ("channel", "ssh -L") if x in names and y in names]
     out = [f"# --mux rows ({result['timestamp']})", "", f"Command: `{command}`", "",
            f"Machine: {result['machine']['nproc']} CPUs ({result['machine']['cpu_model']}), loopback, "
            f"{result['versions']['openssh']}; cipher {C.CIPHER}; {result['reps']} repetitions, contenders "
            "interleaved (order reversed on odd repetitions); median (min-max).", "",
-           "| row | unit | " + " | ".join(names) + " | mux / channel | mux / ssh -L |",
-           "|---|---|" + "---|" * (len(names) + 2)]
+           "| row | unit | " + " | ".join(names) + " | " + " | ".join(f"{x} / {y}" for x, y in pairs) + " |",
+           "|---|---|" + "---|" * (len(names) + len(pairs))]
     for key, title, unit, _fn in ROWS:
         row = result["rows"].get(key)
         if not row:
@@ -127,8 +143,8 @@ def markdown(result, command) -> str:
 
         def ratio(a, b):
             return f"{meds[a] / meds[b]:.2f}x" if meds.get(a) and meds.get(b) else "-"
-        out.append(f"| {title} | {unit} | " + " | ".join(cells) + f" | {ratio('mux', 'channel')} | "
-                   f"{ratio('mux', 'ssh -L')} |")
+        out.append(f"| {title} | {unit} | " + " | ".join(cells) + " | "
+                   + " | ".join(ratio(x, y) for x, y in pairs) + " |")
     ramp = result["rows"].get("ramp")
     if ramp:
         out += ["", "Ramp detail (first repetition): opens/s per block of 1,000 held connections, and one "

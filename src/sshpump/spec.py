@@ -107,6 +107,21 @@ def _checked(spec: str, check, text: str, what: str, **kw):
         raise SpecError(f"bad forward spec {validate.show(spec)}: {e}") from None
 
 
+def _tcp_listen(spec: str, parts: list[str], what: str, *, bind_resolved_here: bool):
+    """``[bind:]port`` at the head of a split -L or -R spec: (its Endpoint,
+    the fields after it). The bind address is there when four fields
+    follow, or three with a socket path last; "*" (or empty) is every
+    interface ("")."""
+    if len(parts) >= 4 or (len(parts) == 3 and parts[2].startswith("/")):
+        bind, port, rest = parts[0], parts[1], parts[2:]
+        bind = "" if bind == "*" else bind
+        if bind:
+            _checked(spec, validate.host, bind, "bind address", resolved_here=bind_resolved_here)
+    else:
+        bind, port, rest = None, parts[0], parts[1:]
+    return Endpoint(host=bind, port=_checked(spec, validate.port, port, what, allow_zero=True)), rest
+
+
 def parse_local_forward(spec: str) -> LocalForward:
     """Parse one ``-L`` argument.
 
@@ -125,14 +140,7 @@ def parse_local_forward(spec: str) -> LocalForward:
         listen = Endpoint(path=path)
         rest = parts[1:]
     else:
-        if len(parts) >= 4 or (len(parts) == 3 and parts[2].startswith("/")):
-            bind, port, rest = parts[0], parts[1], parts[2:]
-            bind = "" if bind == "*" else bind
-            if bind:
-                _checked(spec, validate.host, bind, "bind address", resolved_here=True)
-        else:
-            bind, port, rest = None, parts[0], parts[1:]
-        listen = Endpoint(host=bind, port=_checked(spec, validate.port, port, "listen port", allow_zero=True))
+        listen, rest = _tcp_listen(spec, parts, "listen port", bind_resolved_here=True)
     if len(rest) == 1 and rest[0].startswith("/"):
         target = Endpoint(path=_checked(spec, validate.path, rest[0], "remote socket path", remote=True))
     elif len(rest) == 2:
@@ -184,14 +192,8 @@ def parse_remote_forward(spec: str) -> RemoteForward:
     if len(parts) <= 2 and not (len(parts) == 2 and parts[1].startswith("/")):
         raise SpecError(f"bad remote forward spec {validate.show(spec)}: remote dynamic forwarding (SOCKS) "
                         "is not supported; expected [bind:]port:host:hostport or [bind:]port:/local/socket")
-    if len(parts) >= 4 or (len(parts) == 3 and parts[2].startswith("/")):
-        bind, port, rest = parts[0], parts[1], parts[2:]
-        bind = "" if bind == "*" else bind
-        if bind:
-            _checked(spec, validate.host, bind, "bind address", resolved_here=False)
-    else:
-        bind, port, rest = None, parts[0], parts[1:]
-    listen = Endpoint(host=bind, port=_checked(spec, validate.port, port, "remote listen port", allow_zero=True))
+    # The server resolves the bind address: not checked as a name here.
+    listen, rest = _tcp_listen(spec, parts, "remote listen port", bind_resolved_here=False)
     if len(rest) == 1 and rest[0].startswith("/"):
         target = Endpoint(path=_checked(spec, validate.path, rest[0], "local socket path",
                                         max_bytes=validate.UNIX_PATH_MAX))

@@ -270,21 +270,13 @@ def _destination(value, where: str) -> tuple[str | None, str]:
 
 
 def _forwards(value, where: str) -> list[LocalForward]:
-    if not isinstance(value, list):
-        raise FileProblem(f"{where}: forwards: must be a list of -L spec strings, not {type_name(value)}")
-    if not value:
+    if isinstance(value, list) and not value:
         raise FileProblem(f"{where}: forwards: is empty: give at least one -L spec")
-    out = []
-    for i, spec in enumerate(value):
-        try:
-            out.append(parse_local_forward(spec))
-        except UsageError as e:
-            raise FileProblem(f"{where}: forwards[{i}]: {e}") from None
-    return out
+    return _spec_list(value, where, "forwards", parse_local_forward, "-L")
 
 
 def _spec_list(value, where: str, key: str, parse, form: str) -> list:
-    """dynamic_forwards (-D specs) or remote_forwards (-R specs)."""
+    """forwards (-L specs), dynamic_forwards (-D) or remote_forwards (-R)."""
     if not isinstance(value, list):
         raise FileProblem(f"{where}: {key}: must be a list of {form} spec strings, not {type_name(value)}")
     out = []
